@@ -1,0 +1,195 @@
+"""``ab-flasher``: the root command that runs the engine directly, without the service.
+
+For provisioning and factory flashing (what people use bmaptool for): ``ab-flasher write SOURCE TARGET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any, TextIO
+
+from abflasher import __version__, errors
+from abflasher.image.formats import ImageFormat
+from abflasher.image.pipeline import Progress
+from abflasher.install import InstallResult, install_image
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ab-flasher",
+        description="Write OS images with on-the-fly decompression and read-back verification.",
+    )
+    parser.add_argument("--version", action="version", version=f"ab-flasher {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    write = commands.add_parser(
+        "write",
+        help="write an image into a block device or file and verify it by reading it back",
+        description="Decompress SOURCE (gzip, xz, zstd, bzip2 or raw, detected from its content) into TARGET, then "
+        "read TARGET back and compare sha256. Exit 0 only when the read-back matched.",
+    )
+    write.add_argument("source", metavar="SOURCE", help="image path, '-' for standard input, or an http(s) URL")
+    write.add_argument("target", metavar="TARGET", help="block device (partition or disk) or regular file")
+    checksum = write.add_mutually_exclusive_group()
+    checksum.add_argument("--sha256", metavar="HEX", help="expected sha256 of the image or of the compressed file")
+    checksum.add_argument("--sha256-url", metavar="URL", help="sha256sum-format checksum file to fetch")
+    checksum.add_argument("--sha256-file", metavar="PATH", help="local sha256sum-format checksum file")
+    write.add_argument(
+        "--format",
+        choices=["auto", *[f.value for f in ImageFormat]],
+        default="auto",
+        help="override format detection ('raw' writes any bytes as they are)",
+    )
+    write.add_argument(
+        "--inflater",
+        choices=["auto", "isal", "zlib-ng", "zlib"],
+        default="auto",
+        help="gzip implementation (auto: the fastest installed)",
+    )
+    write.add_argument("--create", action="store_true", help="create TARGET as a regular file if it does not exist")
+    write.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    write.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+class _ProgressPrinter:
+    """A tqdm bar on a terminal; a line every few percent otherwise (logs, pipes)."""
+
+    def __init__(self, stream: TextIO, enabled: bool) -> None:
+        self._stream = stream
+        self._enabled = enabled
+        self._tty = stream.isatty()
+        self._bar: Any = None
+        self._stage = ""
+        self._last_percent = -10
+
+    def __call__(self, progress: Progress) -> None:
+        if not self._enabled:
+            return
+        if progress.stage != self._stage:
+            self.close()
+            self._stage = progress.stage
+            self._last_percent = -10
+            if self._tty:
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=progress.total,
+                    desc=progress.stage,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=self._stream,
+                    leave=True,
+                )
+        if self._bar is not None:
+            self._bar.update(progress.done - self._bar.n)
+            return
+        percent = progress.percent
+        if percent is None:
+            if progress.written - self._last_percent >= 64 << 20:
+                self._last_percent = progress.written
+                print(f"{progress.stage}: {progress.written >> 20} MiB", file=self._stream, flush=True)
+        elif percent >= self._last_percent + 10 or (percent == 100 and self._last_percent != 100):
+            self._last_percent = percent
+            print(f"{progress.stage}: {percent}%", file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _expected_sha256(args: argparse.Namespace) -> str | None:
+    from abflasher.image import checksums
+
+    image_name = os.path.basename(args.source.split("?", 1)[0]) if args.source != "-" else None
+    if args.sha256:
+        return checksums.normalize_sha256(args.sha256)
+    if args.sha256_url:
+        return checksums.fetch_checksum(args.sha256_url, image_name)
+    if args.sha256_file:
+        try:
+            with open(args.sha256_file, encoding="utf-8") as handle:
+                text = handle.read(1 << 20)
+        except OSError as exc:
+            raise errors.InvalidArgument(f"cannot read checksum file {args.sha256_file}: {exc.strerror}") from exc
+        return checksums.parse_checksum_file(text, image_name)
+    return None
+
+
+def _write(args: argparse.Namespace) -> InstallResult:
+    from abflasher.image.sources import open_source
+
+    expected = _expected_sha256(args)
+    cancel = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        cancel.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    printer = _ProgressPrinter(sys.stderr, enabled=not args.quiet)
+    source = open_source(args.source)
+    try:
+        return install_image(
+            source,
+            args.target,
+            expected_sha256=expected,
+            image_format=None if args.format == "auto" else ImageFormat(args.format),
+            gzip_impl=args.inflater,
+            create=args.create,
+            progress=printer,
+            cancel=cancel,
+        )
+    finally:
+        printer.close()
+        source.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        result = _write(args)
+    except errors.AbFlasherError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"success": False, "error": exc.name, "message": str(exc)}))
+        print(f"ab-flasher: {exc}", file=sys.stderr)
+        return exc.exit_code
+    stream = result.stream
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "success": True,
+                    "target": result.target,
+                    "format": stream.image_format.value,
+                    "inflater": stream.inflater,
+                    "image_size": stream.image_size,
+                    "image_sha256": stream.image_sha256,
+                    "source_bytes": stream.source_bytes,
+                    "source_sha256": stream.source_sha256,
+                    "checksum_matched": stream.matched,
+                    "verified": result.verified,
+                    "seconds": round(result.seconds, 3),
+                }
+            )
+        )
+    else:
+        checked = f", matches the expected sha256 of the {stream.matched}" if stream.matched else ""
+        print(
+            f"wrote {stream.image_size} bytes ({stream.image_format.value}) to {result.target} in "
+            f"{result.seconds:.1f} s; read-back verified, sha256 {stream.image_sha256}{checked}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The streaming pipeline on in-memory destinations, regular files and pipes, with every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from abflasher import errors
+from abflasher.disk.blockdev import open_target, readback_sha256
+from abflasher.image.pipeline import BUFFER_SIZE, FileObjectWriter, Progress, TargetWriter, stream_image
+from abflasher.image.sources import FdSource, FileSource
+from abflasher.install import install_image
+from tests.support.images import MIB, BytesSource, compress, payload
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def image() -> bytes:
+    return payload(7 * MIB + 4096)
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "xz", "bzip2", "zstd", "raw"])
+def test_streams_every_format_into_a_file_object(image: bytes, fmt: str) -> None:
+    out = io.BytesIO()
+    result = stream_image(BytesSource(compress(image, fmt, members=2), piece=70_001), FileObjectWriter(out))
+    assert out.getvalue() == image
+    assert result.image_size == len(image)
+    assert result.image_sha256 == sha(image)
+    assert result.source_sha256 == sha(compress(image, fmt, members=2))
+    assert result.image_format.value == fmt
+
+
+def test_image_that_is_not_a_whole_number_of_buffers(tmp_path: Path) -> None:
+    data = payload(3 * MIB + 513)
+    result = install_image(BytesSource(compress(data, "gzip")), tmp_path / "out.img", create=True)
+    assert (tmp_path / "out.img").read_bytes() == data
+    assert result.verified
+
+
+def test_expected_sha256_may_name_the_image_or_the_compressed_file(image: bytes) -> None:
+    blob = compress(image, "gzip")
+    by_image = stream_image(BytesSource(blob), FileObjectWriter(io.BytesIO()), expected_sha256=sha(image).upper())
+    by_file = stream_image(BytesSource(blob), FileObjectWriter(io.BytesIO()), expected_sha256=sha(blob))
+    assert (by_image.matched, by_file.matched) == ("image", "source")
+
+
+def _prefilled(size: int) -> io.BytesIO:
+    return io.BytesIO(b"\xaa" * size)
+
+
+def assert_first_block_invalidated(out: io.BytesIO, image: bytes) -> None:
+    """A failed write leaves the target untouched, or with its first block zeroed so nothing mistakes it for an
+    image; never with the new image's first block on it."""
+    data = out.getvalue()
+    untouched = data == b"\xaa" * len(data)
+    assert untouched or data[:BUFFER_SIZE] == bytes(BUFFER_SIZE), "the first block must read as zeros"
+    assert data[:BUFFER_SIZE] != image[:BUFFER_SIZE]
+
+
+def test_wrong_sha256_leaves_the_target_incomplete(image: bytes) -> None:
+    out = _prefilled(len(image))
+    with pytest.raises(errors.ChecksumMismatch, match="expected 00+"):
+        stream_image(BytesSource(compress(image, "gzip")), FileObjectWriter(out), expected_sha256="0" * 64)
+    assert_first_block_invalidated(out, image)
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x00" * 100], ids=["empty", "zeros"])
+def test_unrecognised_input_leaves_the_target_untouched(junk: bytes) -> None:
+    out = _prefilled(4 * MIB)
+    with pytest.raises(errors.BadImage):
+        stream_image(BytesSource(junk), FileObjectWriter(out))
+    assert out.getvalue() == b"\xaa" * (4 * MIB)
+
+
+def test_text_file_is_not_an_image() -> None:
+    out = _prefilled(MIB)
+    with pytest.raises(errors.BadImage, match="unknown image format"):
+        stream_image(BytesSource(b"<html>404 not found</html>\n" * 300), FileObjectWriter(out))
+    assert out.getvalue() == b"\xaa" * MIB
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.6, 0.99])
+def test_truncated_stream_leaves_the_target_incomplete(image: bytes, fraction: float) -> None:
+    blob = compress(image, "gzip")
+    out = _prefilled(len(image))
+    with pytest.raises(errors.BadImage, match="truncated"):
+        stream_image(BytesSource(blob[: int(len(blob) * fraction)]), FileObjectWriter(out))
+    assert_first_block_invalidated(out, image)
+
+
+def test_corrupt_deflate_data_fails(image: bytes) -> None:
+    blob = bytearray(compress(image, "gzip"))
+    middle = len(blob) * 3 // 4
+    blob[middle : middle + 200] = bytes(200)
+    out = _prefilled(len(image))
+    with pytest.raises(errors.BadImage, match="corrupt"):
+        stream_image(BytesSource(bytes(blob)), FileObjectWriter(out))
+    assert_first_block_invalidated(out, image)
+
+
+def test_trailing_garbage_fails(image: bytes) -> None:
+    out = _prefilled(len(image))
+    with pytest.raises(errors.BadImage, match="trailing garbage"):
+        stream_image(BytesSource(compress(image, "gzip") + b"appended"), FileObjectWriter(out))
+    assert_first_block_invalidated(out, image)
+
+
+def test_image_one_byte_larger_than_the_target(image: bytes) -> None:
+    capacity = len(image) - 1
+    out = _prefilled(capacity)
+    with pytest.raises(errors.TooLarge, match=f"holds {capacity}"):
+        stream_image(BytesSource(compress(image, "gzip")), FileObjectWriter(out, capacity=capacity))
+    assert len(out.getvalue()) == capacity, "nothing may be written past the end of the target"
+    assert_first_block_invalidated(out, image)
+
+
+def test_image_exactly_the_size_of_the_target(image: bytes) -> None:
+    out = io.BytesIO()
+    stream_image(BytesSource(compress(image, "gzip")), FileObjectWriter(out, capacity=len(image)))
+    assert out.getvalue() == image
+
+
+def test_cancel_mid_write(image: bytes) -> None:
+    cancel = threading.Event()
+    seen: list[Progress] = []
+
+    def on_progress(progress: Progress) -> None:
+        seen.append(progress)
+        if progress.written >= MIB:
+            cancel.set()
+
+    out = _prefilled(len(image))
+    with pytest.raises(errors.Cancelled):
+        stream_image(
+            BytesSource(compress(image, "xz"), piece=4096), FileObjectWriter(out), progress=on_progress, cancel=cancel
+        )
+    assert seen
+    assert_first_block_invalidated(out, image)
+
+
+def test_cancel_after_the_last_write_still_cancels(image: bytes) -> None:
+    cancel = threading.Event()
+
+    def on_progress(progress: Progress) -> None:
+        if progress.written == len(image):
+            cancel.set()
+
+    out = _prefilled(len(image))
+    with pytest.raises(errors.Cancelled):
+        stream_image(BytesSource(compress(image, "gzip")), FileObjectWriter(out), progress=on_progress, cancel=cancel)
+    assert_first_block_invalidated(out, image)
+
+
+def test_cancel_before_start_writes_nothing(image: bytes) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    out = _prefilled(MIB)
+    with pytest.raises(errors.Cancelled):
+        stream_image(BytesSource(compress(image, "gzip")), FileObjectWriter(out), cancel=cancel)
+    assert out.getvalue() == b"\xaa" * MIB
+
+
+def test_progress_is_monotonic_and_ends_at_the_total(image: bytes) -> None:
+    blob = compress(image, "bzip2")
+    seen: list[Progress] = []
+    stream_image(BytesSource(blob, piece=50_000), FileObjectWriter(io.BytesIO()), progress=seen.append)
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+    assert [p.written for p in seen] == sorted(p.written for p in seen)
+    last = seen[-1]
+    assert (last.done, last.total, last.written, last.percent) == (len(blob), len(blob), len(image), 100)
+
+
+def test_streams_from_a_pipe(image: bytes, tmp_path: Path) -> None:
+    blob = compress(image, "zstd")
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_fd, "wb") as pipe:
+            for i in range(0, len(blob), 10_000):
+                pipe.write(blob[i : i + 10_000])
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    source = FdSource(read_fd, "pipe")
+    assert source.size is None
+    result = install_image(source, tmp_path / "out.img", create=True)
+    feeder.join(timeout=30)
+    assert (tmp_path / "out.img").read_bytes() == image
+    assert result.verified
+
+
+def test_pipe_closed_mid_stream_is_a_truncated_image(image: bytes, tmp_path: Path) -> None:
+    blob = compress(image, "gzip")
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(blob[: len(blob) // 2])
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    with pytest.raises(errors.BadImage, match="truncated"):
+        install_image(FdSource(read_fd, "pipe"), tmp_path / "out.img", create=True)
+    feeder.join(timeout=30)
+
+
+def test_zero_runs_become_holes_in_a_regular_file(tmp_path: Path) -> None:
+    data = payload(2 * MIB) + bytes(16 * MIB) + payload(MIB, seed=2)
+    target = tmp_path / "out.img"
+    result = install_image(BytesSource(compress(data, "gzip")), target, create=True)
+    assert target.read_bytes() == data
+    assert result.stream.zeroed_bytes >= 16 * MIB
+    assert os.stat(target).st_blocks * 512 < len(data) - 8 * MIB
+
+
+def test_zero_runs_overwrite_old_data(tmp_path: Path) -> None:
+    data = payload(2 * MIB) + bytes(8 * MIB)
+    target = tmp_path / "out.img"
+    target.write_bytes(b"\xaa" * len(data))
+    install_image(BytesSource(compress(data, "gzip")), target)
+    assert target.read_bytes() == data
+
+
+def test_regular_file_target_keeps_its_size_as_capacity(tmp_path: Path) -> None:
+    target = tmp_path / "partition.img"
+    target.write_bytes(b"\xaa" * (2 * MIB))
+    with pytest.raises(errors.TooLarge):
+        install_image(BytesSource(compress(payload(3 * MIB), "gzip")), target)
+    assert target.stat().st_size == 2 * MIB
+
+
+def test_readback_detects_a_changed_byte(tmp_path: Path) -> None:
+    data = payload(3 * MIB)
+    target = tmp_path / "out.img"
+    install_image(BytesSource(compress(data, "gzip")), target, create=True)
+    with open(target, "r+b") as handle:
+        handle.seek(2 * MIB + 7)
+        handle.write(b"\x00" if data[2 * MIB + 7] else b"\x01")
+    assert readback_sha256(str(target), len(data)) != sha(data)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing" / "x.img", "does not exist"),
+        (lambda p: p, "is a directory"),
+        (lambda p: Path("/dev/null"), "not a block device or a regular file"),
+    ],
+    ids=["missing", "directory", "char-device"],
+)
+def test_unusable_targets(tmp_path: Path, make: object, message: str) -> None:
+    path = make(tmp_path)  # type: ignore[operator]
+    with pytest.raises(errors.DeviceError, match=message):
+        open_target(path)
+
+
+def test_fifo_target_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(errors.DeviceError, match="not a block device"):
+        open_target(fifo)
+
+
+def test_source_is_closed_by_the_caller_not_the_pipeline(image: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "img.gz"
+    path.write_bytes(compress(image, "gzip"))
+    source = FileSource(path)
+    result = stream_image(source, TargetWriter(open_target(tmp_path / "o", create=True)))
+    assert result.source_bytes == path.stat().st_size
+    source.close()
