@@ -37,7 +37,7 @@ def _order(char: str) -> int:
         return -1
     if char in _ASCII_LETTERS:
         return ord(char)
-    return ord(char) - 256
+    return ord(char) + 256
 
 
 def _compare_part(left: str, right: str) -> int:

@@ -266,6 +266,7 @@ class HttpSource:
         self._resp: requests.Response | None = None
         self._resp_pos = 0  # stream offset of the next byte the current response will give
         self._resp_end: int | None = None  # stream offset where the current response's body must end
+        self._total: int | None = None  # length of the whole image, once a response has said it
         self._offset = 0  # bytes handed to the consumer so far
         self._eof = False
         try:
@@ -298,18 +299,18 @@ class HttpSource:
             try:
                 data = resp.raw.read(want, decode_content=False) or b""
             except (urllib3.exceptions.HTTPError, requests.RequestException, OSError, http.client.HTTPException) as exc:
-                if self._resp_end is not None and self._resp_pos == self._resp_end and self._is_timeout(exc):
-                    # The whole declared body arrived and the server merely failed to close the connection.
-                    self._finish()
-                    return b""
                 if self._closed.is_set():
                     raise errors.Cancelled(f"download of {self.description} was cancelled") from exc
-                self._lost_connection(
-                    f"connection to {self._host()} lost after {self._offset} bytes of {self._label} "
-                    f"{self.description}: {_describe_failure(exc)}",
-                    exc,
-                )
-                continue
+                if self._resp_end is None or self._resp_pos != self._resp_end:
+                    self._lost_connection(
+                        f"connection to {self._host()} lost after {self._offset} bytes of {self._label} "
+                        f"{self.description}: {_describe_failure(exc)}",
+                        exc,
+                    )
+                    continue
+                # The declared body is complete and only the look for more failed (a server that keeps the
+                # connection open, or resets it instead of closing): no extra bytes came, which is what counts.
+                data = b""
             if data:
                 chunk_start = self._resp_pos
                 self._resp_pos += len(data)
@@ -324,10 +325,17 @@ class HttpSource:
                     data = data[self._offset - chunk_start :]
                 self._offset += len(data)
                 return data
-            expected = self._resp_end if self._resp_end is not None else self.size
-            if expected is not None and self._resp_pos < expected:
+            # The end of this response's body: the end of the image only if nothing is missing.
+            if self._total is not None and self._resp_pos < self._total:
                 self._lost_connection(
-                    f"body of {self._label} {self.description} ended after {self._resp_pos} of {expected} bytes",
+                    f"body of {self._label} {self.description} ended after {self._resp_pos} of {self._total} bytes",
+                    None,
+                )
+                continue
+            if self._resp_pos < self._offset:
+                self._lost_connection(
+                    f"body of {self._label} {self.description} ended after {self._resp_pos} bytes, "
+                    f"short of the {self._offset} bytes already received",
                     None,
                 )
                 continue
@@ -450,12 +458,12 @@ class HttpSource:
         if status == 200:
             if not self._seen_first_body:
                 self._seen_first_body = True
-                self.size = length
+                self.size = self._total = length
                 self._etag = etag
                 self._last_modified = last_modified
             elif self._changed(length, etag, last_modified):
                 raise errors.Network(changed)
-            self._set_body(resp, start=0, end=length if length is not None else self.size)
+            self._set_body(resp, start=0, end=length if length is not None else self._total)
             return
         # 206: the server says which part it sends; it must be exactly the rest of the same image.
         content_range = resp.headers.get("Content-Range", "")
@@ -472,7 +480,7 @@ class HttpSource:
             )
         if last < start or (total is not None and last >= total):
             raise errors.Network(f"server answered a resume of {where} with an invalid Content-Range {content_range!r}")
-        if (total is not None and self.size is not None and total != self.size) or self._changed(
+        if (total is not None and self._total is not None and total != self._total) or self._changed(
             None, etag, last_modified
         ):
             raise errors.Network(changed)
@@ -481,6 +489,8 @@ class HttpSource:
                 f"server answered a resume of {where} with Content-Length {length} "
                 f"for a range of {last - start + 1} bytes"
             )
+        if self._total is None:
+            self._total = total
         self._set_body(resp, start=start, end=last + 1)
 
     def _set_body(self, resp: requests.Response, *, start: int, end: int | None) -> None:
@@ -494,7 +504,7 @@ class HttpSource:
         self._resp_end = end
 
     def _changed(self, length: int | None, etag: str | None, last_modified: str | None) -> bool:
-        if length is not None and self.size is not None and length != self.size:
+        if length is not None and self._total is not None and length != self._total:
             return True
         if etag is not None and self._etag is not None and etag != self._etag:
             return True
@@ -524,12 +534,6 @@ class HttpSource:
         log.info("%s; retrying in %.1f s (%d of %d)", message, wait, self._failures, self._retries)
         if self._closed.wait(wait):
             raise errors.Cancelled(f"download of {self.description} was cancelled")
-
-    def _is_timeout(self, exc: BaseException) -> bool:
-        return any(
-            isinstance(e, (socket.timeout, urllib3.exceptions.ReadTimeoutError, requests.Timeout))
-            for e in _exception_chain(exc)
-        )
 
     def _finish(self) -> None:
         self._eof = True

@@ -268,6 +268,21 @@ def test_drops_at_awkward_offsets(server: FaultServer, session: requests.Session
     assert sha(download(open_http(server, "/img", session), 4096)) == IMAGE_SHA
 
 
+def test_reset_right_after_the_whole_body_is_not_an_error(server: FaultServer, session: requests.Session) -> None:
+    server.add("/img", IMAGE, etag=ETAG, drop_after=len(IMAGE), drop_mode="reset")
+    assert sha(download(open_http(server, "/img", session))) == IMAGE_SHA
+
+
+def test_restarted_body_shorter_than_what_was_delivered(server: FaultServer, session: requests.Session) -> None:
+    # No length, no validators, no Range: the only sign of a replaced image is a new body that ends too early.
+    server.add(
+        "/img", IMAGE, chunked=True, ignore_range=True, drop_after=50_000, drop_requests=1,
+        body_after_first=IMAGE[:1000],
+    )
+    with pytest.raises(errors.Network, match="ended after 1000 bytes, short of the 50000 bytes already received"):
+        download(open_http(server, "/img", session, retries=2), 10_000)
+
+
 def test_resume_falls_back_to_last_modified(server: FaultServer, session: requests.Session) -> None:
     stamp = "Tue, 01 Oct 2024 10:00:00 GMT"
     server.add("/img", IMAGE, last_modified=stamp, drop_after=50_000, drop_requests=1)

@@ -1,0 +1,159 @@
+"""/etc/ab-flasher/ab-flasher.conf → a frozen dataclass, passed explicitly to whatever needs it (no globals).
+
+The file is INI (configparser), one ``[ab-flasher]`` section; every option is documented in the shipped conffile
+(debian/ab-flasher.conf) and in ab-flasher.conf(5). Paths to /proc, /sys, /dev and the root file system are options
+too, so tests point the engine at fixtures without the code knowing it is under test.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abflasher import errors
+
+DEFAULT_PATH = "/etc/ab-flasher/ab-flasher.conf"
+SECTION = "ab-flasher"
+
+
+@dataclass(frozen=True)
+class Config:
+    # Where updates come from. {version} is replaced; checksum_url may use {image_url} too.
+    image_url: str = ""
+    checksum_url: str = "{image_url}.sha256"
+    #: URL of a text file holding the newest version (one line), for Check(); empty: no channel.
+    channel_url: str = ""
+    #: Compatible string the image's /.ab_compatible must match (like RAUC's compatible); empty: no check.
+    compatible: str = ""
+    #: Refuse images whose checksum cannot be established (a URL without sha256 and no checksum file).
+    require_checksum: bool = True
+
+    # The disk.
+    #: prefix | autoboot | auto (detect from the partition table and the boot partition).
+    layout: str = "auto"
+    #: Whole-disk device holding the slots; empty: the disk the booted root lives on.
+    disk: str = ""
+    #: Where the firmware's boot partition (p1, prefix layout) or the booted slot's boot partition is mounted.
+    boot_mount: str = "/boot/firmware"
+
+    # The running system (overridable for tests and chroots).
+    root_path: str = "/"
+    proc_path: str = "/proc"
+    sys_path: str = "/sys"
+    dev_path: str = "/dev"
+    state_dir: str = "/var/lib/ab-flasher"
+    run_dir: str = "/run/ab-flasher"
+
+    # Rebooting and committing.
+    #: Command that reboots into the one-shot tryboot mode.
+    tryboot_command: tuple[str, ...] = ("systemctl", "reboot", "0 tryboot")
+    #: Used when tryboot_command fails to start (e.g. no systemd).
+    tryboot_fallback_command: tuple[str, ...] = ("reboot", "0 tryboot")
+    reboot_command: tuple[str, ...] = ("systemctl", "reboot")
+    #: Directory of executables that must all exit 0 for a trial boot to be committed.
+    health_dir: str = "/etc/ab-flasher/health.d"
+    health_timeout: float = 120.0
+    #: Ask systemd whether the system came up: running | degraded-ok | off.
+    health_systemd: str = "running"
+    #: Reboot back to the committed slot when a trial boot fails its health checks.
+    reboot_on_failed_health: bool = True
+
+    # Image handling.
+    #: gzip inflater: auto (isal or zlib-ng when installed) | zlib | isal | zlib-ng.
+    gzip_inflater: str = "auto"
+    http_connect_timeout: float = 10.0
+    http_read_timeout: float = 60.0
+    http_retries: int = 5
+    #: Optional boot artifact URL ({version}): a boot partition image (autoboot) or a tarball (prefix).
+    boot_artifact_url: str = ""
+
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def image_url_for(self, version: str) -> str:
+        if not self.image_url:
+            raise errors.InvalidArgument(
+                "no image URL: set image_url in /etc/ab-flasher/ab-flasher.conf or pass one with the request"
+            )
+        return self.image_url.replace("{version}", version)
+
+    def checksum_url_for(self, version: str, image_url: str) -> str:
+        return self.checksum_url.replace("{version}", version).replace("{image_url}", image_url)
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.state_dir) / "state.json"
+
+
+_BOOL_TRUE = {"1", "yes", "true", "on"}
+_BOOL_FALSE = {"0", "no", "false", "off"}
+
+
+def _convert(name: str, raw: str, annotation: str) -> object:
+    value = raw.strip()
+    try:
+        if annotation == "bool":
+            lowered = value.lower()
+            if lowered in _BOOL_TRUE:
+                return True
+            if lowered in _BOOL_FALSE:
+                return False
+            raise ValueError("expected yes or no")
+        if annotation == "int":
+            return int(value)
+        if annotation == "float":
+            return float(value)
+        if annotation == "tuple[str, ...]":
+            return tuple(shlex.split(value))
+    except ValueError as exc:
+        raise errors.InvalidArgument(f"configuration option {name} = {raw!r}: {exc}") from exc
+    return value
+
+
+def _validate(config: Config) -> None:
+    if config.layout not in ("auto", "prefix", "autoboot"):
+        raise errors.InvalidArgument(f"configuration option layout = {config.layout!r}: use auto, prefix or autoboot")
+    if config.health_systemd not in ("running", "degraded-ok", "off"):
+        raise errors.InvalidArgument(
+            f"configuration option health_systemd = {config.health_systemd!r}: use running, degraded-ok or off"
+        )
+    for name in ("image_url", "channel_url", "boot_artifact_url"):
+        value = getattr(config, name)
+        if value and not value.startswith(("http://", "https://")):
+            raise errors.InvalidArgument(f"configuration option {name} = {value!r}: only http(s) URLs are allowed")
+
+
+def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, str] | None = None) -> Config:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as exc:
+        raise errors.InvalidArgument(f"cannot parse {source}: {exc}") from exc
+    values = dict(parser.items(SECTION)) if parser.has_section(SECTION) else {}
+    values.update(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "extra"}
+    kwargs: dict[str, object] = {}
+    extra: dict[str, str] = {}
+    for key, raw in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            extra[key] = raw
+            continue
+        kwargs[name] = _convert(name, raw, str(fields[name].type))
+    config = Config(**kwargs, extra=extra)  # type: ignore[arg-type]
+    _validate(config)
+    return config
+
+
+def load_config(path: str | os.PathLike[str] = DEFAULT_PATH, *, overrides: dict[str, str] | None = None) -> Config:
+    """The configuration at ``path``; a missing file means all defaults."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise errors.InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
+    return parse_config(text, source=os.fspath(path), overrides=overrides)
