@@ -1,17 +1,52 @@
 """The update state machine (DESIGN §4): one job at a time, persisted state, health-checked commit.
 
-API SKELETON — implementation in progress. The service (abflasher/service) codes against these signatures.
+1. resolve the request (version → URL and expected sha256; refuse up-to-date, downgrades, other boards);
+2. pick the target: the slot that is neither booted nor the committed primary, never the booted one;
+3. stream + 4. read-back verify (``install_image``), with the target marked *incomplete* in the state file first;
+5. fix up the new root (its /etc/fstab and boot files' ``root=`` point at its own PARTUUIDs), check its version;
+6. arm a one-shot trial of it; the primary stays the old slot; 7. optionally reboot into the trial;
+8. on the trial boot, run the health checks and commit, or reject so the next reset returns to the old slot.
+
+The engine never imports D-Bus; the service runs ``run()`` in a worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from abflasher import errors
+from abflasher.boot import bootfiles
+from abflasher.boot.fat import FatVolume
+from abflasher.boot.raspberrypi import AutobootBoot, PrefixBoot, bootloader_for
 from abflasher.config import Config
+from abflasher.disk.slots import (
+    COMPATIBLE_FILE,
+    VERSION_FILE,
+    DiskLayout,
+    Slot,
+    booted_slot,
+    detect_layout,
+    find_booted_root,
+    read_tryboot_flag,
+    read_version_file,
+    slot_version,
+)
+from abflasher.disk.table import read_table
 from abflasher.image.pipeline import Progress
+from abflasher.version import compare_versions, parse_version
+
+log = logging.getLogger(__name__)
 
 #: Slot states as the D-Bus API reports them.
 SLOT_STATES = ("good", "trial", "bad", "incomplete", "unknown")
@@ -88,40 +123,629 @@ class BootCheckResult:
 ProgressCallback = Callable[[Progress], None]
 
 
+STATE_FORMAT = 1
+
+
+class StateFile:
+    """/var/lib/ab-flasher/state.json: per slot the last install, the armed trial, the last known primary.
+
+    Written atomically (temp file, fsync, rename, fsync the directory), so a power cut leaves the old or the new
+    state, never a mix. An unreadable file is kept aside as state.json.corrupt and treated as empty: the disk and
+    the firmware files remain the truth about what boots; the state only adds history.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+
+    def load(self) -> dict[str, Any]:
+        with self._lock:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
+            except FileNotFoundError:
+                data = {}
+            except (OSError, ValueError) as exc:
+                log.error("state file %s is unreadable (%s); starting from an empty state", self.path, exc)
+                with contextlib.suppress(OSError):
+                    self.path.replace(self.path.with_suffix(".json.corrupt"))
+                data = {}
+            data.setdefault("format", STATE_FORMAT)
+            data.setdefault("slots", {})
+            return data
+
+    def save(self, data: dict[str, Any]) -> None:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(data, handle, indent=2, sort_keys=True)
+                    handle.write("\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    @contextlib.contextmanager
+    def edit(self) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            data = self.load()
+            yield data
+            self.save(data)
+
+
+@dataclass
+class _System:
+    """One look at the device: what the disk, the firmware files and the running kernel say."""
+
+    layout: DiskLayout
+    boot: PrefixBoot | AutobootBoot
+    booted: Slot
+    primary: str
+    tryboot_flag: bool | None
+    boot_id: str
+
+
+Runner = Callable[[Sequence[str], float], "subprocess.CompletedProcess[str]"]
+
+
+def _run_command(cmd: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
+
+
 class Updater:
-    def __init__(self, config: Config) -> None:
+    """Everything privileged ab-flasher does, behind one object per device (thread-safe, one job at a time)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        runner: Runner = _run_command,
+        open_fat: Callable[[str], FatVolume] | None = None,
+    ) -> None:
         self.config = config
+        self.state = StateFile(config.state_file)
+        self._run = runner
+        self._open_fat = open_fat
+        self._job = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------------- looking
+
+    def _boot_id(self) -> str:
+        try:
+            return Path(self.config.proc_path, "sys", "kernel", "random", "boot_id").read_text().strip()
+        except OSError:
+            return ""
+
+    def _system(self) -> _System:
+        cfg = self.config
+        booted_root = find_booted_root(
+            root_path=cfg.root_path, proc_path=cfg.proc_path, sys_path=cfg.sys_path, dev_path=cfg.dev_path
+        )
+        disk = cfg.disk or booted_root.disk
+        if not disk:
+            raise errors.Incompatible(
+                "cannot tell which disk holds the slots (the root file system is not on a partition): "
+                "set disk= in /etc/ab-flasher/ab-flasher.conf"
+            )
+        layout = detect_layout(read_table(disk), disk, cfg.layout)
+        boot = bootloader_for(layout, self._open_fat)
+        booted = booted_slot(layout, booted_root)
+        flag, _partition = read_tryboot_flag(cfg.proc_path)
+        return _System(layout, boot, booted, boot.primary(), flag, self._boot_id())
+
+    def _trial_active(self, system: _System, state: dict[str, Any]) -> bool:
+        """Is the running slot on trial? The firmware says so when the device tree has the tryboot flag;
+        otherwise a booted slot other than the primary is a trial, unless we just rolled back to it."""
+        if system.booted.name == system.primary:
+            return False
+        if system.tryboot_flag is not None:
+            return system.tryboot_flag
+        return state.get("rollback_boot_id") != system.boot_id
+
+    def _slot_state(self, system: _System, state: dict[str, Any], slot: Slot, version: str) -> str:
+        recorded = state["slots"].get(slot.name, {}).get("state")
+        if slot.name == system.booted.name and slot.name == system.primary:
+            return "good"
+        if recorded in ("good", "trial", "bad", "incomplete"):
+            return str(recorded)
+        if slot.name == system.primary and version:
+            return "good"
+        return "unknown"
 
     def status(self) -> SystemStatus:
-        raise NotImplementedError
+        system = self._system()
+        state = self.state.load()
+        trial = self._trial_active(system, state)
+        slots = []
+        booted_version = ""
+        for slot in system.layout.slots:
+            is_booted = slot.name == system.booted.name
+            version = slot_version(slot, booted=is_booted, root_path=self.config.root_path)
+            if is_booted:
+                booted_version = version
+            slots.append(
+                SlotStatus(
+                    name=slot.name,
+                    role=slot.role,
+                    device=slot.root_device,
+                    partuuid=slot.root_partuuid,
+                    size=slot.size,
+                    version=version,
+                    booted=is_booted,
+                    primary=slot.name == system.primary,
+                    state="trial" if trial and is_booted else self._slot_state(system, state, slot, version),
+                    installed=dict(state["slots"].get(slot.name, {}).get("installed", {})),
+                )
+            )
+        return SystemStatus(
+            layout=system.layout.kind,
+            booted_slot=system.booted.name,
+            primary_slot=system.primary,
+            booted_version=booted_version,
+            trial_active=trial,
+            slots=tuple(slots),
+        )
+
+    # ----------------------------------------------------------------------------------------------- updating
 
     def prepare(self, request: UpdateRequest) -> PreparedUpdate:
-        """Validate a request quickly (raises InvalidArgument, UpToDate, Downgrade, Busy, NoTrial...)."""
-        raise NotImplementedError
+        from abflasher.image.sources import check_http_url
+
+        if request.fd is None and not request.version:
+            raise errors.InvalidArgument("say which version to install (or upload an image)")
+        if request.version:
+            parse_version(request.version)
+        if request.sha256:
+            from abflasher.image.checksums import normalize_sha256
+
+            normalize_sha256(request.sha256)
+        system = self._system()
+        state = self.state.load()
+        if self._trial_active(system, state):
+            raise errors.Busy(
+                f"slot {system.booted.name} is running on trial: commit it (mark-good) or reject it (mark-bad) "
+                "before installing another update"
+            )
+        target = next(
+            (s for s in system.layout.slots if s.name not in (system.booted.name, system.primary)), None
+        )
+        if target is None:
+            raise errors.Busy(
+                f"slot {system.primary} is committed but slot {system.booted.name} is running: reboot first"
+            )
+        booted_version = slot_version(system.booted, booted=True, root_path=self.config.root_path)
+        if request.version:
+            self._check_order(request.version, booted_version, request.allow_downgrade)
+        image_url = ""
+        if request.fd is None:
+            image_url = request.url or self.config.image_url_for(request.version)
+            check_http_url(image_url)
+        description = "uploaded image" if request.fd is not None else image_url
+        return PreparedUpdate(request, target.name, image_url, description)
+
+    @staticmethod
+    def _check_order(version: str, booted_version: str, allow_downgrade: bool) -> None:
+        if not booted_version:
+            return
+        order = compare_versions(version, booted_version)
+        if order == 0:
+            raise errors.UpToDate(f"version {version} is already running")
+        if order < 0 and not allow_downgrade:
+            raise errors.Downgrade(
+                f"version {version} is older than the running {booted_version}: allow the downgrade explicitly "
+                "(--allow-downgrade)"
+            )
+
+    def _expected_sha256(self, prepared: PreparedUpdate) -> str | None:
+        from abflasher.image.checksums import fetch_checksum, normalize_sha256
+
+        request = prepared.request
+        if request.sha256:
+            return normalize_sha256(request.sha256)
+        if request.fd is not None:
+            return None
+        checksum_url = self.config.checksum_url_for(request.version, prepared.image_url)
+        if not checksum_url:
+            if self.config.require_checksum:
+                raise errors.InvalidArgument("no checksum for the image: configure checksum_url or pass a sha256")
+            return None
+        image_name = os.path.basename(prepared.image_url.split("?", 1)[0])
+        return fetch_checksum(
+            checksum_url,
+            image_name,
+            connect_timeout=self.config.http_connect_timeout,
+            read_timeout=self.config.http_read_timeout,
+            retries=self.config.http_retries,
+        )
+
+    def _record(self, slot: str, slot_state: str, **installed: Any) -> None:
+        with self.state.edit() as state:
+            entry = state["slots"].setdefault(slot, {})
+            entry["state"] = slot_state
+            entry.setdefault("installed", {}).update(installed)
+            if state.get("trial", {}).get("slot") == slot and slot_state != "trial":
+                state.pop("trial", None)
 
     def run(self, prepared: PreparedUpdate, progress: ProgressCallback, cancel: threading.Event) -> UpdateOutcome:
-        """Blocking: stream, verify, fix up, arm the trial, optionally reboot. Call from a worker thread."""
-        raise NotImplementedError
+        if not self._job.acquire(blocking=False):
+            raise errors.Busy("another update is running")
+        try:
+            return self._run_update(prepared, progress, cancel)
+        finally:
+            self._job.release()
+            if prepared.request.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(prepared.request.fd)
 
-    def check(self) -> CheckResult:
-        raise NotImplementedError
+    def _run_update(
+        self, prepared: PreparedUpdate, progress: ProgressCallback, cancel: threading.Event
+    ) -> UpdateOutcome:
+        from abflasher.image.sources import FdSource, HttpSource, ImageSource
+        from abflasher.install import install_image
 
-    def mark_good(self) -> None:
-        """Commit the booted trial slot (NoTrial if not in a trial)."""
-        raise NotImplementedError
+        request = prepared.request
+        progress(Progress("preparing", 0, None, 0))
+        system = self._system()
+        target = system.layout.slot(prepared.target_slot)
+        if target.name in (system.booted.name, system.primary):
+            raise errors.Busy(f"slot {target.name} is in use (booted or committed); refusing to write it")
+        expected = self._expected_sha256(prepared)
+        if cancel.is_set():
+            raise errors.Cancelled("the update was cancelled")
 
-    def mark_bad(self) -> None:
-        """Reject the booted trial slot: the next boot returns to the committed slot (NoTrial if not in a trial)."""
-        raise NotImplementedError
+        # From here on the target is not trusted until every step passed.
+        self._disarm(system)
+        self._record(
+            target.name,
+            "incomplete",
+            version=request.version,
+            sha256="",
+            time=int(time.time()),
+            result="writing",
+            source=prepared.description,
+        )
+        source: ImageSource
+        if request.fd is not None:
+            source = FdSource(os.dup(request.fd), prepared.description)
+        else:
+            source = HttpSource(
+                prepared.image_url,
+                connect_timeout=self.config.http_connect_timeout,
+                read_timeout=self.config.http_read_timeout,
+                retries=self.config.http_retries,
+            )
+        try:
+            result = install_image(
+                source,
+                target.root_device,
+                expected_sha256=expected,
+                gzip_impl=self.config.gzip_inflater,
+                source_size=request.size,
+                progress=progress,
+                cancel=cancel,
+            )
+        except errors.ChecksumMismatch as exc:
+            self._record(target.name, "bad", result=f"failed: {exc}")
+            raise
+        except errors.AbFlasherError as exc:
+            self._record(target.name, "incomplete", result=f"failed: {exc}")
+            raise
+        except BaseException:
+            self._record(target.name, "incomplete", result="failed: internal error")
+            raise
+        finally:
+            source.close()
 
-    def rollback(self) -> None:
-        """Make the other good slot primary (committed)."""
-        raise NotImplementedError
+        progress(Progress("configuring", 0, None, result.image_size))
+        try:
+            version = self._fix_up_root(system, target, request)
+            if cancel.is_set():
+                raise errors.Cancelled("the update was cancelled")
+            system.boot.install_boot_files(target, system.booted, None)
+            system.boot.set_trial(target.name)
+        except (errors.BadImage, errors.Incompatible, errors.UpToDate, errors.Downgrade) as exc:
+            # A complete, verified image that must not run here.
+            self._record(target.name, "bad", result=f"refused: {exc}")
+            raise
+        except errors.AbFlasherError as exc:
+            self._record(target.name, "incomplete", result=f"failed: {exc}")
+            raise
+        with self.state.edit() as state:
+            entry = state["slots"].setdefault(target.name, {})
+            entry["state"] = "trial"
+            entry["installed"] = {
+                "version": version,
+                "sha256": result.sha256,
+                "time": int(time.time()),
+                "result": "installed",
+                "source": prepared.description,
+                "size": result.image_size,
+            }
+            state["trial"] = {"slot": target.name, "armed_boot_id": system.boot_id}
+            state["primary"] = system.primary
+        message = f"version {version} installed in slot {target.name}; reboot into it to try it"
+        rebooting = False
+        if request.reboot:
+            self._reboot_tryboot()
+            rebooting = True
+            message = f"version {version} installed in slot {target.name}; rebooting into it on trial"
+        return UpdateOutcome(target.name, version, result.sha256, rebooting, message)
+
+    def _disarm(self, system: _System) -> None:
+        """A trial still armed for the slot we are about to overwrite must not boot a half-written slot."""
+        if system.boot.trial_slot() not in (None, system.primary):
+            if isinstance(system.boot, PrefixBoot):
+                system.boot.set_trial(system.primary)
+            else:
+                system.boot.commit(system.primary)
+
+    @contextlib.contextmanager
+    def _mounted(self, device: str) -> Iterator[Path]:
+        run_dir = Path(self.config.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mountpoint = Path(tempfile.mkdtemp(prefix="slot-", dir=run_dir))
+        try:
+            done = self._run(["mount", "-t", "ext4", "-o", "rw,nosuid,nodev,noexec", device, str(mountpoint)], 120)
+            if done.returncode != 0:
+                raise errors.BadImage(
+                    f"the new root file system on {device} cannot be mounted: {done.stderr.strip()}"
+                )
+            try:
+                yield mountpoint
+            finally:
+                umount = self._run(["umount", str(mountpoint)], 120)
+                if umount.returncode != 0:
+                    log.error("umount %s failed: %s", mountpoint, umount.stderr.strip())
+        finally:
+            with contextlib.suppress(OSError):
+                mountpoint.rmdir()
+
+    def _fix_up_root(self, system: _System, target: Slot, request: UpdateRequest) -> str:
+        """Point the new root's fstab at its own partitions; check the version and board it carries."""
+        with open(target.root_device, "rb") as handle:
+            head = handle.read(2048)
+        if head[1080:1082] != b"\x53\xef":
+            raise errors.Incompatible(
+                "the image is not an ext2/3/4 root file system (ab-flasher writes root partition images, "
+                "not whole-disk images)"
+            )
+        with self._mounted(target.root_device) as root:
+            version = read_version_file(_read_or_none(root / VERSION_FILE))
+            if not version:
+                raise errors.BadImage(f"the image has no readable /{VERSION_FILE}: it is not an ab-flasher slot image")
+            if request.version and compare_versions(version, request.version) != 0:
+                raise errors.BadImage(f"the image holds version {version}, not the requested {request.version}")
+            if not request.version:
+                booted_version = slot_version(system.booted, booted=True, root_path=self.config.root_path)
+                self._check_order(version, booted_version, request.allow_downgrade)
+            compatible = read_version_file(_read_or_none(root / COMPATIBLE_FILE))
+            if self.config.compatible and compatible and compatible != self.config.compatible:
+                raise errors.Incompatible(
+                    f"the image is for {compatible!r}, this device is {self.config.compatible!r}"
+                )
+            fstab_path = root / "etc" / "fstab"
+            fstab = fstab_path.read_text() if fstab_path.is_file() else ""
+            new_fstab = bootfiles.set_fstab_mounts(
+                fstab, root=f"PARTUUID={target.root_partuuid}", boot=f"PARTUUID={target.boot_partuuid}"
+            )
+            if new_fstab != fstab:
+                fstab_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = fstab_path.with_name(".fstab.ab-flasher")
+                tmp.write_text(new_fstab)
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                if fstab_path.exists():
+                    st = fstab_path.stat()
+                    os.chmod(tmp, st.st_mode & 0o7777)
+                    os.chown(tmp, st.st_uid, st.st_gid)
+                os.replace(tmp, fstab_path)
+        return version
+
+    # ----------------------------------------------------------------------------------------------- booting
+
+    def _reboot_tryboot(self) -> None:
+        for command in (self.config.tryboot_command, self.config.tryboot_fallback_command):
+            if not command:
+                continue
+            try:
+                done = self._run(command, 60)
+            except FileNotFoundError:
+                continue
+            if done.returncode == 0:
+                return
+            log.warning("%s failed: %s", " ".join(command), done.stderr.strip())
+        raise errors.Internal("could not reboot into the trial: every configured reboot command failed")
 
     def reboot(self, mode: str) -> None:
-        """mode: normal | trial (try the freshly written slot) | recovery."""
-        raise NotImplementedError
+        if mode == "normal":
+            done = self._run(self.config.reboot_command, 60)
+            if done.returncode != 0:
+                raise errors.Internal(f"reboot failed: {done.stderr.strip()}")
+            return
+        if mode == "trial":
+            system = self._system()
+            state = self.state.load()
+            armed = state.get("trial", {}).get("slot")
+            if armed is None or armed == system.booted.name or system.boot.trial_slot() != armed:
+                raise errors.NoTrial("no slot is waiting for a trial boot: install an update first")
+            self._reboot_tryboot()
+            return
+        if mode == "recovery":
+            raise errors.Incompatible("this device has no recovery slot")
+        raise errors.InvalidArgument(f"unknown reboot mode {mode!r}: use normal, trial or recovery")
+
+    def _require_trial(self) -> tuple[_System, dict[str, Any]]:
+        system = self._system()
+        state = self.state.load()
+        if not self._trial_active(system, state):
+            raise errors.NoTrial(
+                f"slot {system.booted.name} is not running on trial (it is the committed slot, or was rolled back to)"
+            )
+        return system, state
+
+    def mark_good(self) -> None:
+        with self._job:
+            system, _ = self._require_trial()
+            self._commit(system)
+
+    def _commit(self, system: _System) -> None:
+        system.boot.commit(system.booted.name)
+        with self.state.edit() as state:
+            state["slots"].setdefault(system.booted.name, {})["state"] = "good"
+            state["slots"][system.booted.name].setdefault("installed", {})["result"] = "committed"
+            state.pop("trial", None)
+            state["primary"] = system.booted.name
+
+    def mark_bad(self) -> None:
+        with self._job:
+            system, _ = self._require_trial()
+            self._reject(system, "rejected")
+
+    def _reject(self, system: _System, why: str) -> None:
+        with self.state.edit() as state:
+            state["slots"].setdefault(system.booted.name, {})["state"] = "bad"
+            state["slots"][system.booted.name].setdefault("installed", {})["result"] = why
+            state.pop("trial", None)
+            state["primary"] = system.primary
+
+    def rollback(self) -> None:
+        with self._job:
+            system = self._system()
+            state = self.state.load()
+            if self._trial_active(system, state):
+                raise errors.Busy("a trial is running: use mark-bad to reject it instead")
+            other = system.layout.other(system.primary)
+            recorded = state["slots"].get(other.name, {}).get("state", "unknown")
+            version = slot_version(other, booted=other.name == system.booted.name, root_path=self.config.root_path)
+            good = recorded == "good" or (recorded == "unknown" and other.name == system.booted.name and version)
+            if not good:
+                raise errors.InvalidArgument(
+                    f"slot {other.name} is {recorded}{f' ({version})' if version else ''}: there is no good slot "
+                    "to roll back to"
+                )
+            system.boot.commit(other.name)
+            with self.state.edit() as state:
+                state["primary"] = other.name
+                state["slots"].setdefault(other.name, {})["state"] = "good"
+                if other.name == system.booted.name:
+                    state.pop("rollback_boot_id", None)
+                else:
+                    state["rollback_boot_id"] = system.boot_id
+
+    def check(self) -> CheckResult:
+        from abflasher.image.sources import HttpSource
+
+        if not self.config.channel_url:
+            raise errors.InvalidArgument(
+                "no update channel configured (channel_url in /etc/ab-flasher/ab-flasher.conf)"
+            )
+        source = HttpSource(
+            self.config.channel_url,
+            connect_timeout=self.config.http_connect_timeout,
+            read_timeout=self.config.http_read_timeout,
+            retries=self.config.http_retries,
+            label="update channel",
+        )
+        try:
+            text = source.read(4096).decode("utf-8", "replace")
+        finally:
+            source.close()
+        available = text.strip().splitlines()[0].strip() if text.strip() else ""
+        parse_version(available)
+        system = self._system()
+        current = slot_version(system.booted, booted=True, root_path=self.config.root_path)
+        newer = not current or compare_versions(available, current) > 0
+        return CheckResult(current=current, available=available, update_available=newer)
+
+    # ----------------------------------------------------------------------------------------------- on boot
+
+    def run_health_checks(self) -> tuple[bool, str]:
+        """Every executable in health.d must exit 0 in time; then systemd must say the system is running."""
+        failures: list[str] = []
+        health_dir = Path(self.config.health_dir)
+        checks = sorted(p for p in health_dir.iterdir() if p.is_file()) if health_dir.is_dir() else []
+        for check in checks:
+            if not os.access(check, os.X_OK):
+                log.info("health check %s is not executable; skipped", check)
+                continue
+            try:
+                done = self._run([str(check)], self.config.health_timeout)
+            except subprocess.TimeoutExpired:
+                failures.append(f"{check.name} timed out after {self.config.health_timeout:g} s")
+                continue
+            except OSError as exc:
+                failures.append(f"{check.name} could not run: {exc.strerror}")
+                continue
+            if done.returncode != 0:
+                detail = (done.stderr or done.stdout).strip().splitlines()
+                failures.append(f"{check.name} exited {done.returncode}" + (f": {detail[-1]}" if detail else ""))
+        if self.config.health_systemd != "off" and Path("/run/systemd/system").is_dir():
+            try:
+                done = self._run(["systemctl", "is-system-running", "--wait"], self.config.health_timeout)
+                status = done.stdout.strip()
+            except (subprocess.TimeoutExpired, OSError) as exc:
+                status = f"unknown ({exc})"
+            allowed = {"running"} | ({"degraded"} if self.config.health_systemd == "degraded-ok" else set())
+            if status not in allowed:
+                failures.append(f"systemd reports the system {status}")
+        if failures:
+            return False, "; ".join(failures)
+        return True, f"{len(checks)} health checks passed"
 
     def boot_check(self) -> BootCheckResult:
-        """On boot: reconcile state; on a trial boot run the health checks and commit or reject."""
-        raise NotImplementedError
+        """Reconcile the state with what booted; on a trial boot, run the health checks and commit or reject."""
+        with self._job:
+            system = self._system()
+            state = self.state.load()
+            repaired = system.boot.repair(state.get("primary"))
+            if repaired:
+                log.warning("repaired boot files: %s", "; ".join(repaired))
+                system = self._system()
+            if not self._trial_active(system, state):
+                return self._reconcile_normal_boot(system, state)
+            healthy, detail = self.run_health_checks()
+            if healthy:
+                self._commit(system)
+                return BootCheckResult(True, True, f"slot {system.booted.name} committed: {detail}")
+            self._reject(system, f"health check failed: {detail}")
+            message = f"slot {system.booted.name} failed its health checks ({detail}); not committed"
+            if self.config.reboot_on_failed_health:
+                self.reboot("normal")
+                message += "; rebooting into slot " + system.primary
+            return BootCheckResult(True, False, message)
+
+    def _reconcile_normal_boot(self, system: _System, loaded: dict[str, Any]) -> BootCheckResult:
+        trial = loaded.get("trial") or {}
+        message = f"slot {system.booted.name} booted normally"
+        with self.state.edit() as state:
+            armed_boot = trial.get("armed_boot_id")
+            if trial.get("slot") and trial["slot"] != system.booted.name and armed_boot != system.boot_id:
+                # The trial was armed in an earlier boot and we are back on the primary: the trial never committed.
+                slot = trial["slot"]
+                entry = state["slots"].setdefault(slot, {})
+                entry["state"] = "bad"
+                entry.setdefault("installed", {})["result"] = "trial boot did not commit; fell back"
+                state.pop("trial", None)
+                message = f"the trial of slot {slot} did not come up healthy; running slot {system.booted.name}"
+            if system.booted.name == system.primary:
+                state["slots"].setdefault(system.booted.name, {})["state"] = "good"
+            state["primary"] = system.primary
+        return BootCheckResult(False, False, message)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None

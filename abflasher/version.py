@@ -5,9 +5,10 @@ follows the last hyphen. Upstream and revision are compared as alternating runs 
 character: `~` before the end of the string, the end before letters, letters before everything else) and digits
 (numerically, so leading zeros do not count). See Debian policy §5.6.12 and dpkg's lib/dpkg/version.c.
 
-Where dpkg only warns, we refuse: an upstream part that does not start with a digit (`v1.4` sorts after every
-`1.x`, which is never what a user means) and characters outside `[A-Za-z0-9.+~:-]` (`[A-Za-z0-9.+~]` in the
-revision). Every version we accept, dpkg parses without a warning, and the two orderings agree on them.
+We are stricter than dpkg in three ways. It only warns about an upstream part that does not start with a digit
+(`v1.4` sorts after every `1.x`, which is never what a user means) and about characters outside
+`[A-Za-z0-9.+~:-]` (`[A-Za-z0-9.+~]` in the revision); we refuse both. Its strtol() takes a signed epoch (`+1:2.0`);
+we refuse that too. Every version we accept, dpkg parses without a warning, and the two orderings agree on them.
 """
 
 from __future__ import annotations

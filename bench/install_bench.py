@@ -23,13 +23,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache"
@@ -38,8 +38,11 @@ RECIPE = "v1"
 MIB = 1 << 20
 MB = 1_000_000
 
-USR_SHARE = 0.55
+# A root file system a bit over half full, as a fresh OS image with room for updates: 60% of its blocks in use, of
+# which random data (standing for already-compressed payloads) is 5% of the whole size and files from /usr the rest.
+FS_USED_SHARE = 0.60
 RANDOM_SHARE = 0.05
+FS_BLOCK = 4096
 MAX_FILE_BYTES = 64 * MIB
 RANDOM_BLOB_BYTES = 4 * MIB
 FS_UUID = "5eed0000-ab00-4f1a-8000-000000000001"
@@ -51,6 +54,7 @@ RSS_FLAT_FRACTION = 0.10
 RSS_FLAT_MB = 4.0
 
 RUN_TIMEOUT = 1800.0
+TIME = "/usr/bin/time"
 HASH_CHUNK = 4 * MIB
 
 
@@ -143,18 +147,24 @@ def _usr_files() -> list[tuple[Path, int]]:
     return files
 
 
-def _fill_tree(tree: Path, size_bytes: int) -> tuple[int, int, int]:
-    """Populate ``tree`` like a small root file system; returns (usr bytes, usr files, random bytes)."""
+def _blocks(size: int) -> int:
+    return -(-size // FS_BLOCK) * FS_BLOCK
+
+
+def _fill_tree(tree: Path, size_bytes: int, empty_used: int) -> tuple[int, int, int]:
+    """Populate ``tree`` so the file system it becomes is FS_USED_SHARE full, given that an empty one already uses
+    ``empty_used`` bytes (journal, inode tables, bitmaps); returns (usr bytes, usr files, random bytes)."""
     for name in ("bin", "boot", "dev", "etc", "home", "lib", "mnt", "opt", "proc", "root", "run", "sbin", "srv", "sys",
                  "tmp", "var/cache", "var/lib", "var/log"):
         (tree / name).mkdir(parents=True, exist_ok=True)
     (tree / ".ab_version").write_text(f"bench-{RECIPE}\n")
     (tree / "etc" / "hostname").write_text("abbench\n")
 
-    usr_budget = int(size_bytes * USR_SHARE)
-    usr_bytes = usr_count = 0
+    random_budget = int(size_bytes * RANDOM_SHARE)
+    usr_budget = int(size_bytes * FS_USED_SHARE) - empty_used - random_budget
+    usr_bytes = usr_count = usr_blocks = 0
     for source, size in _usr_files():
-        if usr_bytes + size > usr_budget:
+        if usr_blocks + _blocks(size) > usr_budget:
             continue
         dest = tree / source.relative_to("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -164,13 +174,13 @@ def _fill_tree(tree: Path, size_bytes: int) -> tuple[int, int, int]:
             continue
         dest.chmod(source.stat().st_mode & 0o7777)
         usr_bytes += size
+        usr_blocks += _blocks(size)
         usr_count += 1
-        if usr_budget - usr_bytes < 4096:
+        if usr_budget - usr_blocks < FS_BLOCK:
             break
 
     # Already-compressed payloads (initramfs, firmware blobs, package caches) do not compress again.
     rng = random.Random(f"ab-flasher-bench-{RECIPE}")
-    random_budget = int(size_bytes * RANDOM_SHARE)
     blobs = tree / "var" / "cache" / "blobs"
     blobs.mkdir(parents=True)
     random_bytes = 0
@@ -183,19 +193,28 @@ def _fill_tree(tree: Path, size_bytes: int) -> tuple[int, int, int]:
     return usr_bytes, usr_count, random_bytes
 
 
-def _fs_used_fraction(raw: Path) -> float:
+def _mkfs(image: Path, size_bytes: int, tree: Path | None) -> None:
+    with open(image, "wb") as handle:
+        handle.truncate(size_bytes)
+    # Fixed UUID and hash seed keep the image the same from one build to the next; -b 4096 -T default so a small
+    # --quick image has the block size of a real root file system rather than mke2fs's "small" profile.
+    populate = ["-d", str(tree)] if tree is not None else []
+    run("mkfs.ext4", "-F", "-q", "-b", str(FS_BLOCK), "-T", "default", "-L", "abbench", "-U", FS_UUID,
+        "-E", f"hash_seed={FS_UUID},root_owner=0:0", *populate, image, timeout=1800)
+
+
+def _fs_used(raw: Path) -> tuple[int, int]:
+    """(used bytes, total bytes) of the ext4 file system in ``raw``."""
     info = run("dumpe2fs", "-h", raw).stdout
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     total = int(fields["Block count"].strip())
     free = int(fields["Free blocks"].strip())
-    return (total - free) / total
+    return (total - free) * FS_BLOCK, total * FS_BLOCK
 
 
 def _mapped_bytes(bmap: Path) -> int:
-    text = bmap.read_text()
-    block_size = int(text.split("<BlockSize>")[1].split("<")[0])
-    mapped = int(text.split("<MappedBlocksCount>")[1].split("<")[0])
-    return block_size * mapped
+    root = ElementTree.parse(bmap).getroot()
+    return int(root.findtext("BlockSize", "0")) * int(root.findtext("MappedBlocksCount", "0"))
 
 
 def build_image(size_mb: int) -> BenchImage:
@@ -214,17 +233,14 @@ def build_image(size_mb: int) -> BenchImage:
     gz = Path(f"{stem}.img.gz")
     bmap = Path(f"{stem}.bmap")
     size_bytes = size_mb * MIB
+    tmp_raw = raw.with_suffix(".img.tmp")
+    _mkfs(tmp_raw, size_bytes, None)
+    empty_used, _ = _fs_used(tmp_raw)
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="tree-") as tree_dir:
         tree = Path(tree_dir)
-        usr_bytes, usr_count, random_bytes = _fill_tree(tree, size_bytes)
-        tmp_raw = raw.with_suffix(".img.tmp")
-        with open(tmp_raw, "wb") as handle:
-            handle.truncate(size_bytes)
-        # Fixed UUID and hash seed keep the image the same from one build to the next; -b 4096 -T default so a
-        # small --quick image has the block size of a real root file system rather than mke2fs's "small" profile.
-        run("mkfs.ext4", "-F", "-q", "-b", "4096", "-T", "default", "-L", "abbench", "-U", FS_UUID,
-            "-E", f"hash_seed={FS_UUID},root_owner=0:0", "-d", tree, tmp_raw, timeout=1800)
-    used = _fs_used_fraction(tmp_raw)
+        usr_bytes, usr_count, random_bytes = _fill_tree(tree, size_bytes, empty_used)
+        _mkfs(tmp_raw, size_bytes, tree)
+    used, total = _fs_used(tmp_raw)
     tmp_raw.rename(raw)
 
     log("compressing it with gzip -6...")
@@ -253,7 +269,7 @@ def build_image(size_mb: int) -> BenchImage:
         usr_file_bytes=usr_bytes,
         usr_file_count=usr_count,
         random_bytes=random_bytes,
-        fs_used_fraction=round(used, 4),
+        fs_used_fraction=round(used / total, 4),
     )
     manifest.write_text(json.dumps(image.describe(), indent=2) + "\n")
     return image
@@ -322,26 +338,38 @@ class Timed:
 
 
 def run_timed(cmd: Sequence[str], *, cwd: Path, env: dict[str, str]) -> Timed:
-    """Run ``cmd``, timing it from start to exit; peak RSS is ru_maxrss from wait4, i.e. the largest of the process
-    and of every descendant it waited for (for `sh -c 'a | b'`: the larger of a and b)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """Run ``cmd``, timing it from start to exit, with its peak RSS as measured by GNU time.
+
+    Not this process's wait4 rusage: a child's ru_maxrss starts at the high-water mark of the process it was forked
+    from (the kernel carries it over exec), so anything started from this Python process would report at least this
+    process's size. /usr/bin/time is tiny and reports the ru_maxrss it gets from wait4 for its own child, which for
+    `sh -c 'a | b'` is the largest of sh, a and b.
+    """
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile("r", prefix="rusage-") as rusage,
+    ):
         started = time.monotonic()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, cwd=cwd, env=env)
-        killer = threading.Timer(RUN_TIMEOUT, proc.kill)
-        killer.start()
+        proc = subprocess.Popen([TIME, "-f", "%M", "-o", rusage.name, *cmd], stdout=out, stderr=err, cwd=cwd, env=env)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
+            returncode = proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise BenchError(f"{' '.join(cmd)} did not finish within {RUN_TIMEOUT:.0f} s") from None
         wall = time.monotonic() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} exited {proc.returncode}: {stderr.strip()[-2000:]}")
-    return Timed(wall, usage.ru_maxrss, stdout, stderr)
+        # On failure GNU time writes "Command exited with non-zero status N" before the formatted line.
+        lines = rusage.read().split()
+    if returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} exited {returncode}: {stderr.strip()[-2000:]}")
+    if not lines or not lines[-1].isdigit():
+        raise BenchError(f"{TIME} reported no peak RSS for {' '.join(cmd)}")
+    return Timed(wall, int(lines[-1]), stdout, stderr)
 
 
 @dataclass(frozen=True)
@@ -355,6 +383,11 @@ GZIP_DD = Tool("gzip_dd", "gzip -dc | dd bs=4M conv=fsync")
 BMAPTOOL = Tool("bmaptool", "bmaptool copy --bmap")
 ABF_ZLIB = Tool("abflasher_zlib", "ab-flasher (zlib)", "zlib")
 ABF_FAST = Tool("abflasher_fast", "ab-flasher (auto)", "auto")
+# Only with --extra-inflaters: each fast inflater by name, to see whether "auto" picks the faster one here.
+ABF_EXTRA = (
+    Tool("abflasher_isal", "ab-flasher (isal)", "isal"),
+    Tool("abflasher_zlib_ng", "ab-flasher (zlib-ng)", "zlib-ng"),
+)
 
 
 @dataclass
@@ -440,15 +473,15 @@ class Runner:
 
 def target_result(value: float | bool, limit: float | bool, *, at_most: bool = True) -> dict[str, Any]:
     if isinstance(limit, bool):
-        passed = value is limit
-    else:
-        passed = float(value) <= limit if at_most else float(value) >= limit
+        return {"value": value, "limit": limit, "pass": value is limit}
+    passed = float(value) <= limit if at_most else float(value) >= limit
     return {"value": value, "limit": limit, "pass": passed}
 
 
 def print_table(measurements: Sequence[Measurement], image_bytes_by_mb: dict[int, int], reference: dict[str, float],
                 image_mb: int) -> None:
-    header = f"{'tool':34} {'image':>7} {'wall s':>8} {'MB/s':>8} {'peak RSS MiB':>13} {'× gzip|dd':>10} {'× bmaptool':>11}"
+    header = (f"{'tool':34} {'image':>7} {'wall s':>8} {'MB/s':>8} {'peak RSS MiB':>13} {'/ gzip|dd':>10} "
+              f"{'/ bmaptool':>11}")
     print(header)
     print("-" * len(header))
     for m in measurements:
@@ -460,22 +493,28 @@ def print_table(measurements: Sequence[Measurement], image_bytes_by_mb: dict[int
               f"{m.peak_rss_mb:13.1f} {vs_dd:>10} {vs_bmap:>11}")
 
 
-def ensure_bmaptool() -> None:
-    if shutil.which("bmaptool"):
+def ensure_tools() -> None:
+    """bmaptool and GNU time come from Debian packages that a minimal system may lack."""
+    missing = [package for program, package in (("bmaptool", "bmap-tools"), (TIME, "time"))
+               if not shutil.which(program)]
+    if not missing:
         return
-    log("bmaptool is missing: installing Debian's bmap-tools...")
-    result = subprocess.run(["apt-get", "install", "-y", "bmap-tools"], capture_output=True, text=True, timeout=900,
+    log(f"installing missing Debian packages: {' '.join(missing)}...")
+    result = subprocess.run(["apt-get", "install", "-y", *missing], capture_output=True, text=True, timeout=900,
                             check=False)
     if result.returncode != 0:
         run("apt-get", "update", timeout=900)
-        run("apt-get", "install", "-y", "bmap-tools", timeout=900)
+        run("apt-get", "install", "-y", *missing, timeout=900)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1024, help="image size in MiB (default 1024)")
     parser.add_argument("--quick", action="store_true", help="a 256 MiB image, for a fast try")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs per tool; the median wall time is reported")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs per tool, interleaved; the median wall time is reported (default 3)")
+    parser.add_argument("--extra-inflaters", action="store_true",
+                        help="also time ab-flasher with --inflater isal and --inflater zlib-ng (not used for targets)")
     parser.add_argument("--rss-double", action="store_true",
                         help="also run ab-flasher on a 2x image and check that its peak RSS stays flat")
     parser.add_argument("--no-check", action="store_true",
@@ -506,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    ensure_bmaptool()
+    ensure_tools()
     image = build_image(args.size_mb)
     double = build_image(args.size_mb * 2) if args.rss_double else None
     images_bytes = {image.size_mb: image.image_bytes}
@@ -515,16 +554,18 @@ def _bench(args: argparse.Namespace) -> int:
     bmap_decompressor = "pigz" if shutil.which("pigz") else "gzip"
 
     main_tools = (GZIP_DD, BMAPTOOL, ABF_ZLIB, ABF_FAST)
-    results = {tool.key: Measurement(tool.key, tool.label, image.size_mb) for tool in main_tools}
+    timed_tools = main_tools + (ABF_EXTRA if args.extra_inflaters else ())
+    results = {tool.key: Measurement(tool.key, tool.label, image.size_mb) for tool in timed_tools}
     doubled = {tool.key: Measurement(tool.key, tool.label, args.size_mb * 2) for tool in (ABF_ZLIB, ABF_FAST)}
     with loop_target(max(images_bytes.values())) as target:
-        log(f"target {target.partition} ({target.capacity >> 20} MiB, loop direct I/O {'on' if target.direct_io else 'off'}), "
+        direct = "on" if target.direct_io else "off"
+        log(f"target {target.partition} ({target.capacity >> 20} MiB, loop direct I/O {direct}), "
             f"image {image.image_bytes >> 20} MiB, {image.gz_bytes / MB:.0f} MB gzipped, "
             f"{image.mapped_bytes >> 20} MiB mapped")
         runner = Runner(target, args.python, check=not args.no_check)
         for round_index in range(args.repeat):
             log(f"round {round_index + 1}/{args.repeat}:")
-            for tool in main_tools:
+            for tool in timed_tools:
                 runner.measure(tool, image, results[tool.key])
             if double is not None:
                 for tool in (ABF_ZLIB, ABF_FAST):

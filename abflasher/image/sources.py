@@ -164,7 +164,7 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
         pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
         if current.__cause__ is not None:
             pending.append(current.__cause__)
-        if current.__context__ is not None:
+        if current.__context__ is not None and not current.__suppress_context__:
             pending.append(current.__context__)
     return chain
 
@@ -398,7 +398,12 @@ class HttpSource:
         for _hop in range(self._max_redirects + 1):
             try:
                 resp = self._session.get(
-                    url, headers=headers, stream=True, allow_redirects=False, timeout=self._timeout
+                    url,
+                    headers=headers,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                    hooks={"response": _close_redirect_response},
                 )
             except requests.exceptions.SSLError as exc:
                 if _is_certificate_failure(exc):
@@ -551,6 +556,18 @@ class HttpSource:
     def _host(self, url: str | None = None) -> str:
         parts = urllib.parse.urlsplit(url or self._url)
         return parts.netloc.rpartition("@")[2]
+
+
+def _close_redirect_response(resp: requests.Response, *args: object, **kwargs: object) -> requests.Response:
+    """Close a redirect's connection before requests reads its body and puts the connection back in the pool.
+
+    Even with allow_redirects=False, requests consumes a redirect's body and pools its connection. A server that
+    closes after answering our ``Connection: close`` without saying so would leave a dead connection there, and the
+    next request could be sent on it and fail.
+    """
+    if resp.is_redirect:
+        resp.close()
+    return resp
 
 
 def _content_length(resp: requests.Response) -> int | None:

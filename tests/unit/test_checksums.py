@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.timeout(30)
 A = hashlib.sha256(b"a").hexdigest()
 B = hashlib.sha256(b"b").hexdigest()
 C = hashlib.sha256(b"c").hexdigest()
-FAST = {"connect_timeout": 2.0, "read_timeout": 1.0, "backoff": 0.01, "retries": 2}
+FAST: dict[str, Any] = {"connect_timeout": 2.0, "read_timeout": 1.0, "backoff": 0.01, "retries": 2}
 
 
 @pytest.fixture

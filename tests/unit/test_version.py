@@ -147,7 +147,8 @@ def test_str(text: str, shown: str) -> None:
         (":1.0", "empty epoch"),
         ("a:1.0", "not a non-negative number"),
         ("-1:1.0", "not a non-negative number"),
-        ("+1:1.0", "not a non-negative number"),
+        ("+1:1.0", "not a non-negative number"),  # dpkg's strtol() would take it
+        ("-0:1.0", "not a non-negative number"),  # and this
         ("99999999999:1.0", "epoch larger"),
         ("1:", "nothing after"),
         ("1.0-", "revision after it is empty"),
@@ -181,7 +182,7 @@ def test_comparing_with_other_types_is_not_supported() -> None:
     version = parse_version("1.0")
     assert version != "1.0"
     with pytest.raises(TypeError):
-        _ = version < "2.0"  # type: ignore[operator]
+        _ = version < "2.0"
 
 
 # --- generated cases -----------------------------------------------------------------------------------------------
@@ -278,9 +279,17 @@ def test_we_accept_exactly_what_dpkg_accepts_without_warning(texts: list[str]) -
             return False
         return True
 
+    def signed_epoch(text: str) -> bool:
+        # dpkg reads the epoch with strtol(), which takes "+8:" and "-0:"; we refuse a signed epoch on purpose.
+        return ":" in text and text[0] in "+-"
+
     ours = [accepted(text) for text in texts]
     theirs = dpkg_accepts_batch(texts)
-    disagreements = [(text, mine, dpkg) for text, mine, dpkg in zip(texts, ours, theirs, strict=True) if mine != dpkg]
+    disagreements = [
+        (text, mine, dpkg)
+        for text, mine, dpkg in zip(texts, ours, theirs, strict=True)
+        if mine != dpkg and not (dpkg and signed_epoch(text))
+    ]
     assert not disagreements, f"(text, ours, dpkg): {disagreements[:10]}"
 
 

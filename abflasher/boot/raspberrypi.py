@@ -1,0 +1,250 @@
+"""Raspberry Pi firmware boot control: the ``prefix`` (os_prefix + tryboot.txt) and ``autoboot`` layouts.
+
+Every edit of a file the firmware reads goes through ``FatVolume.write_atomic`` (8.3 temp name, fsync, rename,
+fsync the directory, re-read and compare). The running slot's boot files are never written: ``install_boot_files``
+only reads them, and ``set_trial`` only touches ``tryboot.txt`` (prefix) or the ``[tryboot]`` line of
+``autoboot.txt`` (autoboot), which the firmware reads only with the one-shot tryboot flag set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from abflasher import errors
+from abflasher.boot import bootfiles
+from abflasher.boot.fat import FatVolume, open_volume
+from abflasher.disk.slots import DiskLayout, Slot
+
+log = logging.getLogger(__name__)
+
+CONFIG_TXT = "config.txt"
+TRYBOOT_TXT = "tryboot.txt"
+AUTOBOOT_TXT = "autoboot.txt"
+CMDLINE_TXT = "cmdline.txt"
+
+VolumeOpener = Callable[[str], FatVolume]
+
+
+def _root_spec(slot: Slot) -> str:
+    return f"PARTUUID={slot.root_partuuid}"
+
+
+def _fix_cmdline_in_tree(tree: Path, slot: Slot) -> None:
+    cmdline = tree / CMDLINE_TXT
+    if not cmdline.is_file():
+        raise errors.BadImage(f"the boot files for slot {slot.name} have no {CMDLINE_TXT}")
+    cmdline.write_text(bootfiles.set_cmdline_root(cmdline.read_text(), _root_spec(slot)))
+
+
+def _extract_tarball(artifact: Path, dest: Path) -> None:
+    try:
+        with tarfile.open(artifact) as archive:
+            members = archive.getmembers()
+            for member in members:
+                name = os.path.normpath(member.name)
+                if name.startswith(("/", "..")) or not (member.isfile() or member.isdir()):
+                    raise errors.BadImage(f"boot tarball entry {member.name!r} is not a plain file inside the archive")
+            archive.extractall(dest, members=members)
+    except tarfile.TarError as exc:
+        raise errors.BadImage(f"the boot tarball is unreadable: {exc}") from exc
+
+
+class _PiBoot:
+    def __init__(self, layout: DiskLayout, open_fat: VolumeOpener | None = None) -> None:
+        self.layout = layout
+        self._open_fat: VolumeOpener = open_fat or open_volume
+        self._firmware: FatVolume | None = None
+
+    @property
+    def firmware(self) -> FatVolume:
+        """p1: the partition the firmware reads first."""
+        if self._firmware is None:
+            self._firmware = self._open_fat(self.layout.node(1))
+        return self._firmware
+
+    def _read_text(self, volume: FatVolume, name: str) -> str | None:
+        data = volume.read(name)
+        if data is None:
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise bootfiles.BootFileError(f"{name} on {volume.description} is not text") from exc
+
+
+class PrefixBoot(_PiBoot):
+    """One FAT partition with a/ and b/ folders; config.txt's os_prefix names the committed slot."""
+
+    kind = "prefix"
+
+    def _config(self) -> str:
+        text = self._read_text(self.firmware, CONFIG_TXT)
+        if text is None:
+            raise errors.Incompatible(f"{self.firmware.description} has no {CONFIG_TXT}")
+        return text
+
+    def _slot_for_prefix(self, prefix: str | None, source: str) -> str:
+        wanted = (prefix or "").strip("/")
+        for slot in self.layout.slots:
+            if slot.boot_prefix is not None and slot.boot_prefix.strip("/") == wanted:
+                return slot.name
+        raise errors.Incompatible(f"{source} has os_prefix={prefix or ''}, which names no slot (expected a/ or b/)")
+
+    def primary(self) -> str:
+        return self._slot_for_prefix(bootfiles.config_os_prefix(self._config()), CONFIG_TXT)
+
+    def trial_slot(self) -> str | None:
+        text = self._read_text(self.firmware, TRYBOOT_TXT)
+        if text is None:
+            return None
+        try:
+            return self._slot_for_prefix(bootfiles.config_os_prefix(text), TRYBOOT_TXT)
+        except errors.Incompatible:
+            return None
+
+    def _prefix(self, slot: str) -> str:
+        prefix = self.layout.slot(slot).boot_prefix
+        assert prefix is not None
+        return prefix
+
+    def set_trial(self, slot: str) -> None:
+        # tryboot.txt replaces config.txt for one boot, so it is a full copy with the other prefix.
+        text = bootfiles.set_config_os_prefix(self._config(), self._prefix(slot))
+        self.firmware.write_atomic(TRYBOOT_TXT, text.encode())
+
+    def commit(self, slot: str) -> None:
+        text = bootfiles.set_config_os_prefix(self._config(), self._prefix(slot))
+        self.firmware.write_atomic(CONFIG_TXT, text.encode())
+        # A later stray `reboot '0 tryboot'` then boots the committed slot instead of an old trial.
+        self.firmware.write_atomic(TRYBOOT_TXT, text.encode())
+
+    def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
+        folder = self._prefix(target.name)
+        with tempfile.TemporaryDirectory(prefix="ab-flasher-boot-") as tmp:
+            tree = Path(tmp) / "boot"
+            tree.mkdir()
+            if artifact is not None:
+                _extract_tarball(artifact, tree)
+            else:
+                self.firmware.export_tree(self._prefix(running.name), tree)
+            _fix_cmdline_in_tree(tree, target)
+            self.firmware.import_tree(tree, folder)
+
+    def repair(self, primary_hint: str | None) -> list[str]:
+        repaired = [f"removed stale {name}" for name in self.firmware.cleanup_stale_temp()]
+        config = self._read_text(self.firmware, CONFIG_TXT)
+        if config is None:
+            backup = self._read_text(self.firmware, TRYBOOT_TXT)
+            if backup is not None and primary_hint is not None:
+                text = bootfiles.set_config_os_prefix(backup, self._prefix(primary_hint))
+                self.firmware.write_atomic(CONFIG_TXT, text.encode())
+                repaired.append(f"rebuilt {CONFIG_TXT} from {TRYBOOT_TXT} with os_prefix={self._prefix(primary_hint)}")
+        return repaired
+
+
+class AutobootBoot(_PiBoot):
+    """p1 holds only autoboot.txt; p2/p3 are the slots' own FAT boot partitions."""
+
+    kind = "autoboot"
+
+    def _autoboot(self) -> bootfiles.AutobootConfig:
+        text = self._read_text(self.firmware, AUTOBOOT_TXT)
+        if text is None:
+            raise errors.Incompatible(f"{self.firmware.description} has no {AUTOBOOT_TXT}")
+        return bootfiles.parse_autoboot(text)
+
+    def _slot_for_partition(self, number: int | None) -> str | None:
+        slot = self.layout.slot_by_boot(number) if number is not None else None
+        return slot.name if slot is not None else None
+
+    def primary(self) -> str:
+        config = self._autoboot()
+        name = self._slot_for_partition(config.boot_partition)
+        if name is None:
+            raise errors.Incompatible(f"{AUTOBOOT_TXT} has boot_partition={config.boot_partition}, which is no slot")
+        return name
+
+    def trial_slot(self) -> str | None:
+        return self._slot_for_partition(self._autoboot().tryboot_partition)
+
+    def _boot_partition(self, slot: str) -> int:
+        number = self.layout.slot(slot).boot_partition
+        assert number is not None
+        return number
+
+    def _write(self, primary: str, trial: str) -> None:
+        text = bootfiles.render_autoboot(self._boot_partition(primary), self._boot_partition(trial))
+        self.firmware.write_atomic(AUTOBOOT_TXT, text.encode())
+
+    def set_trial(self, slot: str) -> None:
+        config = self._autoboot()
+        primary = self.primary()
+        if slot == primary:
+            raise errors.InvalidArgument(f"slot {slot} is already the primary; there is nothing to try")
+        if config.tryboot_a_b and config.tryboot_partition == self._boot_partition(slot):
+            return
+        self._write(primary, slot)
+
+    def commit(self, slot: str) -> None:
+        self._write(slot, self.layout.other(slot).name)
+
+    def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
+        device = self.layout.node(self._boot_partition(target.name))
+        if artifact is not None:
+            from abflasher.image.sources import FileSource
+            from abflasher.install import install_image
+
+            source = FileSource(artifact)
+            try:
+                install_image(source, device)
+            finally:
+                source.close()
+            volume = self._open_fat(device)
+            cmdline = self._read_text(volume, CMDLINE_TXT)
+            if cmdline is None:
+                raise errors.BadImage(f"the boot partition image for slot {target.name} has no {CMDLINE_TXT}")
+            volume.write_atomic(CMDLINE_TXT, bootfiles.set_cmdline_root(cmdline, _root_spec(target)).encode())
+            return
+        running_volume = self._open_fat(self.layout.node(self._boot_partition(running.name)))
+        with tempfile.TemporaryDirectory(prefix="ab-flasher-boot-") as tmp:
+            tree = Path(tmp) / "boot"
+            tree.mkdir()
+            running_volume.export_tree("/", tree)
+            _fix_cmdline_in_tree(tree, target)
+            _make_fat(device, label=f"BOOT_{target.name.upper()}")
+            self._open_fat(device).import_tree(tree, "/")
+
+    def repair(self, primary_hint: str | None) -> list[str]:
+        repaired = [f"removed stale {name}" for name in self.firmware.cleanup_stale_temp()]
+        try:
+            self._autoboot()
+            return repaired
+        except (errors.Incompatible, bootfiles.BootFileError) as exc:
+            problem = str(exc)
+        if primary_hint is None:
+            raise errors.Incompatible(f"{problem}, and no recorded primary slot to rebuild it from")
+        self._write(primary_hint, self.layout.other(primary_hint).name)
+        repaired.append(f"rebuilt {AUTOBOOT_TXT} with slot {primary_hint} primary ({problem})")
+        return repaired
+
+
+def _make_fat(device: str, *, label: str) -> None:
+    mkfs = shutil.which("mkfs.vfat", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if mkfs is None:
+        raise errors.DeviceError("mkfs.vfat is missing (install dosfstools)")
+    done = subprocess.run([mkfs, "-n", label, device], capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise errors.DeviceError(f"mkfs.vfat {device} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+
+def bootloader_for(layout: DiskLayout, open_fat: VolumeOpener | None = None) -> PrefixBoot | AutobootBoot:
+    if layout.kind == "autoboot":
+        return AutobootBoot(layout, open_fat)
+    return PrefixBoot(layout, open_fat)

@@ -1,0 +1,284 @@
+"""The A/B cycle on a simulated Pi, for both layouts: install → trial → commit, and every way it can go wrong.
+
+Each test builds a real disk (sfdisk + mkfs), attaches it to a loop device, boots it through the firmware model
+(tests/pifirmware.py) and drives the real Updater. "The model boots X" is always asked of the disk's bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from abflasher import errors
+from abflasher.image.pipeline import Progress
+from abflasher.updater import UpdateRequest
+from tests.support.pidisk import build_root_image
+from tests.support.simpi import SimulatedPi
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+LAYOUTS = ["prefix", "autoboot"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=LAYOUTS)
+def pi(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SimulatedPi]:
+    with SimulatedPi(tmp_path, request.param) as device:
+        yield device
+
+
+def root_image(tmp_path: Path, version: str, *, size_mb: int = 24) -> Path:
+    """A gzip'd ext4 root image carrying ``version``."""
+    raw = tmp_path / f"root-{version}.img"
+    build_root_image(raw, version, size_mb=size_mb, extra_files={"etc/hostname": "pi\n"})
+    packed = raw.with_suffix(".img.gz")
+    with open(raw, "rb") as src, gzip.open(packed, "wb", compresslevel=1) as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    raw.unlink()
+    return packed
+
+
+def install(pi: SimulatedPi, image: Path, version: str = "", **options: object) -> None:
+    updater = pi.updater()
+    fd = os.open(image, os.O_RDONLY)
+    request = UpdateRequest(version=version, fd=fd, size=image.stat().st_size, **options)  # type: ignore[arg-type]
+    prepared = updater.prepare(request)
+    updater.run(prepared, lambda p: None, threading.Event())
+
+
+def test_update_trial_commit(pi: SimulatedPi, tmp_path: Path) -> None:
+    data_before = pi.partition_sha(pi.data_partition())
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a"
+    status = pi.updater().status()
+    assert (status.booted_slot, status.primary_slot, status.booted_version) == ("a", "a", "1.0.0")
+    assert [s.state for s in status.slots] == ["good", "unknown"]
+
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+
+    assert pi.slot_for(pi.firmware(tryboot=True)) == "b", "the trial must boot the new slot"
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a", "without the flag the old slot still boots"
+    status = pi.updater().status()
+    assert [(s.name, s.state, s.version) for s in status.slots] == [("a", "good", "1.0.0"), ("b", "trial", "1.1.0")]
+    # the new root points at its own partitions
+    fstab = (pi.slot_file("b", "/etc/fstab") or b"").decode()
+    b = pi.image.root("b")
+    assert f"PARTUUID={pi.image.partuuid(b.number)}" in fstab
+    assert f"PARTUUID={pi.image.partuuid(pi.data_partition())}" in fstab, "the data line is kept"
+
+    assert pi.boot(tryboot=True) == "b"
+    result = pi.updater().boot_check()
+    assert (result.trial, result.committed) == (True, True)
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "b", "committed: B boots without the flag"
+    status = pi.updater().status()
+    assert (status.booted_slot, status.primary_slot, status.trial_active) == ("b", "b", False)
+    assert pi.partition_sha(pi.data_partition()) == data_before
+
+
+def test_failed_health_check_is_not_committed(pi: SimulatedPi, tmp_path: Path) -> None:
+    data_before = pi.partition_sha(pi.data_partition())
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    pi.set_health(False)
+    assert pi.boot(tryboot=True) == "b"
+    result = pi.updater().boot_check()
+    assert (result.trial, result.committed) == (True, False)
+    assert "app did not start" in result.message
+    assert pi.reboots(), "a failed trial reboots back to the committed slot"
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a"
+    assert pi.boot(tryboot=False) == "a"
+    status = pi.updater().status()
+    assert [(s.name, s.state) for s in status.slots] == [("a", "good"), ("b", "bad")]
+    assert pi.partition_sha(pi.data_partition()) == data_before
+
+
+def test_hung_trial_falls_back_on_the_next_reset(pi: SimulatedPi, tmp_path: Path) -> None:
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    assert pi.boot(tryboot=True) == "b"
+    # ...and it hangs before the health check: the watchdog resets it, without the one-shot flag.
+    assert pi.boot(tryboot=False) == "a"
+    result = pi.updater().boot_check()
+    assert not result.trial
+    assert "did not come up" in result.message
+    assert [s.state for s in pi.updater().status().slots] == ["good", "bad"]
+
+
+def test_update_again_from_b_to_a(pi: SimulatedPi, tmp_path: Path) -> None:
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    pi.boot(tryboot=True)
+    assert pi.updater().boot_check().committed
+    install(pi, root_image(tmp_path, "1.2.0"), "1.2.0")
+    assert pi.slot_for(pi.firmware(tryboot=True)) == "a"
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "b"
+    assert pi.boot(tryboot=True) == "a"
+    assert pi.updater().boot_check().committed
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a"
+    status = pi.updater().status()
+    assert [(s.name, s.version, s.state) for s in status.slots] == [("a", "1.2.0", "good"), ("b", "1.1.0", "good")]
+
+
+def test_mark_good_and_mark_bad_need_a_trial(pi: SimulatedPi, tmp_path: Path) -> None:
+    with pytest.raises(errors.NoTrial):
+        pi.updater().mark_good()
+    with pytest.raises(errors.NoTrial):
+        pi.updater().mark_bad()
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    pi.boot(tryboot=True)
+    pi.updater().mark_bad()
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a"
+    assert [s.state for s in pi.updater().status().slots][1] == "bad"
+
+
+def test_rollback_to_the_previous_good_slot(pi: SimulatedPi, tmp_path: Path) -> None:
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    pi.boot(tryboot=True)
+    pi.updater().mark_good()
+    pi.updater().rollback()
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a"
+    status = pi.updater().status()
+    assert (status.booted_slot, status.primary_slot, status.trial_active) == ("b", "a", False)
+    assert pi.boot(tryboot=False) == "a"
+
+
+def test_rollback_needs_a_good_slot(tmp_path: Path) -> None:
+    with SimulatedPi(tmp_path, "prefix") as fresh, pytest.raises(errors.InvalidArgument, match="no good slot"):
+        fresh.updater().rollback()
+
+
+@pytest.mark.parametrize("fault", ["checksum", "truncated", "wrong-version", "not-an-image"])
+def test_bad_images_leave_the_boot_configuration_byte_identical(pi: SimulatedPi, tmp_path: Path, fault: str) -> None:
+    image = root_image(tmp_path, "1.1.0")
+    options: dict[str, object] = {}
+    version = "1.1.0"
+    if fault == "checksum":
+        options["sha256"] = "0" * 64
+    elif fault == "truncated":
+        data = image.read_bytes()
+        image.write_bytes(data[: len(data) // 2])
+    elif fault == "wrong-version":
+        version = "1.3.0"
+    else:
+        image.write_bytes(b"<html>502 Bad Gateway</html>\n" * 100)
+    boot_before = pi.boot_config_files()
+    data_before = pi.partition_sha(pi.data_partition())
+    booted_before = pi.partition_sha(pi.image.root("a").number)
+    with pytest.raises((errors.ChecksumMismatch, errors.BadImage)):
+        install(pi, image, version, **options)
+    assert pi.boot_config_files() == boot_before
+    assert pi.partition_sha(pi.data_partition()) == data_before
+    assert pi.partition_sha(pi.image.root("a").number) == booted_before
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a"
+    assert pi.slot_for(pi.firmware(tryboot=True)) != "b" or fault == "not-an-image"
+    state = {s.name: s.state for s in pi.updater().status().slots}
+    assert state["b"] in ("bad", "incomplete", "unknown")
+
+
+def test_refuses_up_to_date_and_downgrade(pi: SimulatedPi, tmp_path: Path) -> None:
+    image = root_image(tmp_path, "1.0.0")
+    with pytest.raises(errors.UpToDate):
+        install(pi, image, "1.0.0")
+    with pytest.raises(errors.Downgrade):
+        install(pi, image, "0.9")
+    with pytest.raises(errors.Downgrade):
+        install(pi, root_image(tmp_path, "0.9"))  # upload without a version: checked against the image's own
+
+
+INTERRUPTED_WRITER = """
+import os, sys, threading
+from abflasher.config import Config
+from abflasher.updater import Updater, UpdateRequest
+import json
+config = Config(**json.loads(sys.argv[1]))
+updater = Updater(config)
+prepared = updater.prepare(UpdateRequest(version="1.1.0", fd=0))
+def progress(p):
+    if p.written:
+        print("writing", flush=True)
+updater.run(prepared, progress, threading.Event())
+"""
+
+
+def test_interrupted_write_leaves_the_slot_incomplete(pi: SimulatedPi, tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    image = root_image(tmp_path, "1.1.0").read_bytes()
+    fields = {k: v for k, v in dataclasses.asdict(pi.config).items() if k != "extra"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_WRITER, json.dumps(fields)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(image[: len(image) // 2])
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == b"writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdin.close()
+    status = pi.updater().status()
+    assert {s.name: s.state for s in status.slots}["b"] == "incomplete"
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a"
+    assert pi.slot_for(pi.firmware(tryboot=True)) != "b" or pi.layout == "autoboot"
+
+
+def test_stale_temp_file_and_corrupt_boot_files_are_repaired(pi: SimulatedPi, tmp_path: Path) -> None:
+    import subprocess as sp
+
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    p1 = f"{pi.loop.device}p1"
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    pi.boot(tryboot=True)
+    pi.updater().mark_good()  # primary is now b, recorded in the state
+    stale = tmp_path / "stale"
+    stale.write_bytes(b"half-written")
+    sp.run(["mcopy", "-o", "-i", p1, str(stale), "::/ABF00001.TMP"], check=True, env=env, timeout=60)
+    if pi.layout == "autoboot":
+        junk = tmp_path / "junk"
+        junk.write_bytes(b"\x00\xff garbage \x00" * 10)
+        sp.run(["mcopy", "-o", "-i", p1, str(junk), "::/autoboot.txt"], check=True, env=env, timeout=60)
+    pi.flush()
+    result = pi.updater().boot_check()
+    assert not result.trial
+    listing = sp.run(
+        ["mdir", "-b", "-i", p1, "::/"], capture_output=True, text=True, env=env, timeout=60, check=True
+    ).stdout
+    assert "ABF00001.TMP" not in listing.upper()
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "b"
+    if pi.layout == "autoboot":
+        assert (pi.fat_file(1, "autoboot.txt") or b"").startswith(b"[all]")
+
+
+def test_progress_stages(pi: SimulatedPi, tmp_path: Path) -> None:
+    image = root_image(tmp_path, "1.1.0")
+    updater = pi.updater()
+    prepared = updater.prepare(UpdateRequest(version="1.1.0", fd=os.open(image, os.O_RDONLY)))
+    stages: list[str] = []
+
+    def record(p: Progress) -> None:
+        if not stages or stages[-1] != p.stage:
+            stages.append(p.stage)
+
+    outcome = updater.run(prepared, record, threading.Event())
+    assert stages == ["preparing", "writing", "verifying", "configuring"]
+    assert outcome.slot == "b"
+    assert outcome.sha256 == hashlib.sha256(gzip.decompress(image.read_bytes())).hexdigest()
+
+
+def test_trial_reboot_uses_the_tryboot_command(pi: SimulatedPi, tmp_path: Path) -> None:
+    with pytest.raises(errors.NoTrial):
+        pi.updater().reboot("trial")
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0", reboot=True)
+    assert pi.reboots() == [f"{pi.workdir}/fake-reboot 0 tryboot"]
+    pi.updater().reboot("trial")
+    assert len(pi.reboots()) == 2
