@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -253,8 +254,12 @@ class Updater:
             return system.tryboot_flag
         return state.get("rollback_boot_id") != system.boot_id
 
-    def _slot_state(self, system: _System, state: dict[str, Any], slot: Slot, version: str) -> str:
+    def _slot_state(
+        self, system: _System, state: dict[str, Any], slot: Slot, version: str, *, on_trial: bool
+    ) -> str:
         recorded = state["slots"].get(slot.name, {}).get("state")
+        if on_trial:
+            return "bad" if recorded == "bad" else "trial"
         if slot.name == system.booted.name and slot.name == system.primary:
             return "good"
         if recorded in ("good", "trial", "bad", "incomplete"):
@@ -284,7 +289,7 @@ class Updater:
                     version=version,
                     booted=is_booted,
                     primary=slot.name == system.primary,
-                    state="trial" if trial and is_booted else self._slot_state(system, state, slot, version),
+                    state=self._slot_state(system, state, slot, version, on_trial=trial and is_booted),
                     installed=dict(state["slots"].get(slot.name, {}).get("installed", {})),
                 )
             )
@@ -536,9 +541,7 @@ class Updater:
                 )
             fstab_path = root / "etc" / "fstab"
             fstab = fstab_path.read_text() if fstab_path.is_file() else ""
-            new_fstab = bootfiles.set_fstab_mounts(
-                fstab, root=f"PARTUUID={target.root_partuuid}", boot=f"PARTUUID={target.boot_partuuid}"
-            )
+            new_fstab = self._fstab_for(system, target, fstab)
             if new_fstab != fstab:
                 fstab_path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = fstab_path.with_name(".fstab.ab-flasher")
@@ -551,6 +554,32 @@ class Updater:
                     os.chown(tmp, st.st_uid, st.st_gid)
                 os.replace(tmp, fstab_path)
         return version
+
+    def _fstab_for(self, system: _System, target: Slot, image_fstab: str) -> str:
+        """The new root's fstab: ``/`` and ``/boot/firmware`` on the target's own partitions; other partitions of
+        the disk the image was built on renamed to this disk (as Raspberry Pi OS does when the disk id changes);
+        and the device's data partition mounted as the running system mounts it, if the image does not."""
+        fstab = bootfiles.set_fstab_mounts(
+            image_fstab, root=f"PARTUUID={target.root_partuuid}", boot=f"PARTUUID={target.boot_partuuid}"
+        )
+        table = system.layout.table
+        if table.label == "dos":
+            disk_id = table.ptuuid
+            fstab = re.sub(
+                r"(?i)\bPARTUUID=(?!" + disk_id + r")[0-9a-f]{8}-([0-9a-f]{2})\b",
+                lambda match: f"PARTUUID={disk_id}-{match.group(1).lower()}",
+                fstab,
+            )
+        data = system.layout.data_partition
+        if data is not None:
+            data_spec = f"PARTUUID={table.partition(data).partuuid}"
+            if data_spec.lower() not in fstab.lower():
+                running = _read_or_none(Path(self.config.root_path, "etc", "fstab"))
+                for line in (running or b"").decode("utf-8", "replace").splitlines():
+                    if line.split()[:1] and line.split()[0].lower() == data_spec.lower():
+                        fstab = fstab.rstrip("\n") + "\n" + line + "\n"
+                        break
+        return fstab
 
     # ----------------------------------------------------------------------------------------------- booting
 

@@ -293,8 +293,7 @@ def loop_target(capacity: int) -> Iterator[LoopTarget]:
     loop device with direct I/O to its backing file (so reads and writes reach the disk, not the host page cache)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     part_mib = -(-capacity // MIB)
-    backing = CACHE / "target-disk.img"
-    backing.unlink(missing_ok=True)
+    backing = CACHE / f"target-disk-{os.getpid()}.img"
     with open(backing, "wb") as handle:
         handle.truncate((part_mib + 2) * MIB)
     device = ""

@@ -85,7 +85,11 @@ class FatVolume(Protocol):
         ...
 
     def import_tree(self, src: Path, dest_dir: str) -> None:
-        """Make folder ``dest_dir`` a copy of local directory ``src``: built aside, verified, then swapped in."""
+        """Make folder ``dest_dir`` a copy of local directory ``src``: built aside, verified, then swapped in.
+
+        ``dest_dir="/"`` makes the whole volume a copy of ``src`` (for a slot's own boot partition, just formatted):
+        there is no aside there, so its old contents are removed first, then the copy is written and verified.
+        """
         ...
 
     def cleanup_stale_temp(self) -> list[str]:
@@ -125,9 +129,19 @@ def _join(parts: Sequence[str]) -> str:
     return "/" + "/".join(parts)
 
 
-def _new_temp_name(taken: set[str]) -> str:
+def _new_temp_name(taken: set[str], like: str = "") -> str:
+    """A free 8.3 temp name (``taken`` holds lower-cased names), cased like the name ``like`` it will become.
+
+    mtools' ``mren`` keeps the source's short-name case flags when the new name fits 8.3, so ``ABF12345.TMP`` renamed
+    to ``config.txt`` would come out as ``CONFIG.TXT``: a lower-case temp name keeps a lower-case target lower-case.
+    """
+    stem, dot, extension = like.rpartition(".")
+    if not dot:
+        stem, extension = like, ""
+    base = "abf" if stem.islower() else "ABF"
+    suffix = "tmp" if extension.islower() else "TMP"
     while True:
-        name = f"ABF{secrets.randbelow(100_000):05d}.TMP"
+        name = f"{base}{secrets.randbelow(100_000):05d}.{suffix}"
         if name.lower() not in taken:
             return name
 
@@ -280,8 +294,8 @@ class DirectoryVolume:
                 self._write_file(temp, data, exclusive=True)
                 os.rename(temp, target)
             except BaseException:
-                with self._os_errors(f"removing the temp file {temp.name}"):
-                    temp.unlink(missing_ok=True)
+                with suppress(OSError):
+                    temp.unlink()
                 raise
             self._fsync_dir(parent)
             if target.read_bytes() != data:
@@ -339,7 +353,8 @@ class DirectoryVolume:
         source = _local_source(src)
         parts = split_path(dest_dir)
         if not parts:
-            raise errors.InvalidArgument(f"refusing to replace the whole of {self.description}: name a folder")
+            self._replace_root(source)
+            return
         where = _join(parts)
         with self._os_errors(f"copying {source} to {where}"):
             parent, target = self._target(parts)
@@ -361,6 +376,25 @@ class DirectoryVolume:
                 target.unlink()
             os.rename(temp, target)
             self._fsync_dir(parent)
+
+    def _replace_root(self, source: Path) -> None:
+        with self._os_errors(f"copying {source} to the root"):
+            for name in os.listdir(self.root):
+                old = self.root / name
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
+            for child in sorted(source.iterdir()):
+                if child.is_dir():
+                    self._copy_in(child, self.root / child.name)
+                elif child.is_file():
+                    self._write_file(self.root / child.name, child.read_bytes(), exclusive=True)
+            self._fsync_dir(self.root)
+            difference = _first_difference(source, self.root)
+        if difference is not None:
+            raise errors.DeviceError(f"the copy of {source} on {self.description} reads back different "
+                                     f"({difference}): the medium may be failing")
 
     def cleanup_stale_temp(self) -> list[str]:
         removed: list[str] = []
@@ -450,7 +484,10 @@ class MtoolsVolume:
     @staticmethod
     def _message(proc: subprocess.CompletedProcess[bytes]) -> str:
         lines = [line.strip() for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
-        return "; ".join(lines) or f"exit code {proc.returncode}"
+        message = "; ".join(lines) or f"exit code {proc.returncode}"
+        if "Cannot initialize" in message:
+            message += " (is there a FAT file system at that device and offset?)"
+        return message
 
     def _discard(self, tool: str, path: str) -> None:
         """Best-effort removal of a temp entry while another error is on its way up."""
@@ -475,12 +512,12 @@ class MtoolsVolume:
     def _entries(self, parts: Sequence[str]) -> dict[str, _Entry] | None:
         """Folder ``parts`` by lower-cased name, or None if it does not exist or is a file."""
         target = self._mpath(parts)
-        proc = self._run("mdir", "-a", "-b", target, allow_missing=True)
-        if proc is None:
+        listing = self._run_unless_missing("mdir", "-a", "-b", target)
+        if listing is None:
             return None
         prefix = target.rstrip("/") + "/"
         entries: dict[str, _Entry] = {}
-        for line in proc.stdout.decode(errors="surrogateescape").splitlines():
+        for line in listing.decode(errors="surrogateescape").splitlines():
             if not line.startswith(prefix):
                 # `mdir -b` on a file prints the file itself instead of a listing.
                 return None
@@ -517,8 +554,7 @@ class MtoolsVolume:
             return None
         if entry.is_dir:
             raise errors.DeviceError(f"{_join(parts)} is a folder on {self.description}, not a file")
-        proc = self._run("mtype", self._mpath(parts), allow_missing=True)
-        return None if proc is None else proc.stdout
+        return self._run_unless_missing("mtype", self._mpath(parts))
 
     def exists(self, path: str) -> bool:
         return self._lookup(split_path(path)) is not None
@@ -537,7 +573,7 @@ class MtoolsVolume:
             # mren would move the temp file *into* that folder.
             raise errors.DeviceError(f"{where} is a folder on {self.description}: refusing to replace it")
         target = [*parts[:-1], existing.name if existing else parts[-1]]
-        temp = [*parts[:-1], _new_temp_name(set(entries))]
+        temp = [*parts[:-1], _new_temp_name(set(entries), target[-1])]
         with tempfile.TemporaryDirectory(prefix="abflasher-fat-") as staging:
             local = Path(staging) / "data"
             local.write_bytes(data)
@@ -545,15 +581,17 @@ class MtoolsVolume:
                 self._run("mcopy", "-o", str(local), self._mpath(temp))
                 self._sync()
             except BaseException:
-                self._run("mdel", self._mpath(temp), allow_missing=True)
+                self._discard("mdel", self._mpath(temp))
                 raise
         # `mren -D o` deletes the old entry and renames the temp one within one mtools process: the only moment the
         # target is missing is between those two directory writes (see the module docstring).
-        self._run("mren", "-D", "o", self._mpath(temp), self._mpath(target))
+        try:
+            self._run("mren", "-D", "o", self._mpath(temp), self._mpath(target))
+        except BaseException:
+            self._discard("mdel", self._mpath(temp))
+            raise
         self._sync()
-        proc = self._run("mtype", self._mpath(target))
-        assert proc is not None
-        if proc.stdout != data:
+        if self._run("mtype", self._mpath(target)) != data:
             raise errors.DeviceError(f"{where} on {self.description} reads back different from what was written: "
                                      "the medium may be failing")
 
@@ -564,7 +602,7 @@ class MtoolsVolume:
             return
         if entry.is_dir:
             raise errors.DeviceError(f"{_join(parts)} is a folder on {self.description}: use remove_tree")
-        self._run("mdel", self._mpath(parts), allow_missing=True)
+        self._run_unless_missing("mdel", self._mpath(parts))
         self._sync()
 
     def makedirs(self, path: str) -> None:
@@ -588,7 +626,7 @@ class MtoolsVolume:
         entry = self._lookup(parts)
         if entry is None:
             return
-        self._run("mdeltree" if entry.is_dir else "mdel", self._mpath(parts), allow_missing=True)
+        self._run_unless_missing("mdeltree" if entry.is_dir else "mdel", self._mpath(parts))
         self._sync()
 
     def export_tree(self, src_dir: str, dest: Path) -> None:
@@ -606,39 +644,48 @@ class MtoolsVolume:
         source = _local_source(src)
         parts = split_path(dest_dir)
         if not parts:
-            raise errors.InvalidArgument(f"refusing to replace the whole of {self.description}: name a folder")
+            self._replace_root(source)
+            return
         entries = self._prepare_parent(parts)
         existing = entries.get(parts[-1].lower())
         target = [*parts[:-1], existing.name if existing else parts[-1]]
-        temp = [*parts[:-1], _new_temp_name(set(entries))]
+        temp = [*parts[:-1], _new_temp_name(set(entries), target[-1])]
         try:
             self._run("mmd", self._mpath(temp))
-            children = sorted(str(child) for child in source.iterdir() if child.is_dir() or child.is_file())
-            if children:
-                self._run("mcopy", "-s", "-o", "-m", "-Q", *children, self._mpath(temp) + "/")
-            self._sync()
-            with tempfile.TemporaryDirectory(prefix="abflasher-fat-") as staging:
-                readback = Path(staging) / "tree"
-                self.export_tree(_join(temp), readback)
-                difference = _first_difference(source, readback)
-            if difference is not None:
-                raise errors.DeviceError(f"the copy of {source} on {self.description} reads back different "
-                                         f"({difference}): the medium may be failing")
+            self._copy_in(source, temp)
         except BaseException:
-            self._run("mdeltree", self._mpath(temp), allow_missing=True)
+            self._discard("mdeltree", self._mpath(temp))
             raise
         # From here the old folder is gone until the rename: a crash leaves it missing (the temp copy is removed as
         # debris on the next start) and the caller writes it again.
         if existing is not None:
-            self._run("mdeltree" if existing.is_dir else "mdel", self._mpath(target), allow_missing=True)
+            self._run_unless_missing("mdeltree" if existing.is_dir else "mdel", self._mpath(target))
         self._run("mren", self._mpath(temp), self._mpath(target))
         self._sync()
 
+    def _copy_in(self, source: Path, folder: Sequence[str]) -> None:
+        """Copy the contents of local ``source`` into existing (empty) ``folder``, flush, and verify by reading back."""
+        children = sorted(str(child) for child in source.iterdir() if child.is_dir() or child.is_file())
+        if children:
+            self._run("mcopy", "-s", "-o", "-m", "-Q", *children, self._mpath(folder).rstrip("/") + "/")
+        self._sync()
+        with tempfile.TemporaryDirectory(prefix="abflasher-fat-") as staging:
+            readback = Path(staging) / "tree"
+            self.export_tree(_join(folder), readback)
+            difference = _first_difference(source, readback)
+        if difference is not None:
+            raise errors.DeviceError(f"the copy of {source} on {self.description} reads back different "
+                                     f"({difference}): the medium may be failing")
+
+    def _replace_root(self, source: Path) -> None:
+        for entry in self._require_entries([], "").values():
+            self._run_unless_missing("mdeltree" if entry.is_dir else "mdel", self._mpath([entry.name]))
+        self._copy_in(source, [])
+
     def cleanup_stale_temp(self) -> list[str]:
-        proc = self._run("mdir", "-/", "-a", "-b", "::/")
-        assert proc is not None
+        listing = self._run("mdir", "-/", "-a", "-b", "::/")
         stale: list[tuple[str, bool]] = []
-        for line in proc.stdout.decode(errors="surrogateescape").splitlines():
+        for line in listing.decode(errors="surrogateescape").splitlines():
             if not line.startswith("::/"):
                 continue
             relative = line[len("::/"):]
@@ -651,7 +698,7 @@ class MtoolsVolume:
                 continue
             stale.append(("/" + "/".join(names), is_dir))
         for path, is_dir in stale:
-            self._run("mdeltree" if is_dir else "mdel", "::" + path, allow_missing=True)
+            self._run_unless_missing("mdeltree" if is_dir else "mdel", "::" + path)
         if stale:
             self._sync()
         return sorted(path for path, _ in stale)

@@ -14,8 +14,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
-from dbus_next import Message, MessageFlag, MessageType, Variant
-from dbus_next.aio import MessageBus
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import MessageFlag, MessageType
+from dbus_next.message import Message
+from dbus_next.signature import Variant
 
 from abflasher import errors
 
