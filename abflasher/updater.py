@@ -228,7 +228,7 @@ class Updater:
         except OSError:
             return ""
 
-    def _system(self) -> _System:
+    def _disk(self) -> tuple[DiskLayout, PrefixBoot | AutobootBoot, Slot]:
         cfg = self.config
         booted_root = find_booted_root(
             root_path=cfg.root_path, proc_path=cfg.proc_path, sys_path=cfg.sys_path, dev_path=cfg.dev_path
@@ -240,19 +240,19 @@ class Updater:
                 "set disk= in /etc/ab-flasher/ab-flasher.conf"
             )
         layout = detect_layout(read_table(disk), disk, cfg.layout)
-        boot = bootloader_for(layout, self._open_fat)
-        booted = booted_slot(layout, booted_root)
-        flag, _partition = read_tryboot_flag(cfg.proc_path)
+        return layout, bootloader_for(layout, self._open_fat), booted_slot(layout, booted_root)
+
+    def _system(self) -> _System:
+        layout, boot, booted = self._disk()
+        flag, _partition = read_tryboot_flag(self.config.proc_path)
         return _System(layout, boot, booted, boot.primary(), flag, self._boot_id())
 
     def _trial_active(self, system: _System, state: dict[str, Any]) -> bool:
         """Is the running slot on trial? The firmware says so when the device tree has the tryboot flag;
         otherwise a booted slot other than the primary is a trial, unless we just rolled back to it."""
-        if system.booted.name == system.primary:
+        if system.booted.name == system.primary or state.get("rollback_boot_id") == system.boot_id:
             return False
-        if system.tryboot_flag is not None:
-            return system.tryboot_flag
-        return state.get("rollback_boot_id") != system.boot_id
+        return system.tryboot_flag is not False
 
     def _slot_state(
         self, system: _System, state: dict[str, Any], slot: Slot, version: str, *, on_trial: bool
@@ -305,7 +305,7 @@ class Updater:
     # ----------------------------------------------------------------------------------------------- updating
 
     def prepare(self, request: UpdateRequest) -> PreparedUpdate:
-        from abflasher.image.sources import check_http_url
+        from abflasher.image.http import check_http_url
 
         if request.fd is None and not request.version:
             raise errors.InvalidArgument("say which version to install (or upload an image)")
@@ -396,7 +396,8 @@ class Updater:
     def _run_update(
         self, prepared: PreparedUpdate, progress: ProgressCallback, cancel: threading.Event
     ) -> UpdateOutcome:
-        from abflasher.image.sources import FdSource, HttpSource, ImageSource
+        from abflasher.image.http import HttpSource
+        from abflasher.image.sources import FdSource, ImageSource
         from abflasher.install import install_image
 
         request = prepared.request
@@ -479,6 +480,8 @@ class Updater:
             }
             state["trial"] = {"slot": target.name, "armed_boot_id": system.boot_id}
             state["primary"] = system.primary
+            # The slot we came from runs and is committed: it is what a rollback returns to.
+            state["slots"].setdefault(system.booted.name, {})["state"] = "good"
         message = f"version {version} installed in slot {target.name}; reboot into it to try it"
         rebooting = False
         if request.reboot:
@@ -673,7 +676,7 @@ class Updater:
                     state["rollback_boot_id"] = system.boot_id
 
     def check(self) -> CheckResult:
-        from abflasher.image.sources import HttpSource
+        from abflasher.image.http import HttpSource
 
         if not self.config.channel_url:
             raise errors.InvalidArgument(
@@ -735,14 +738,24 @@ class Updater:
     def boot_check(self) -> BootCheckResult:
         """Reconcile the state with what booted; on a trial boot, run the health checks and commit or reject."""
         with self._job:
-            system = self._system()
             state = self.state.load()
-            repaired = system.boot.repair(state.get("primary"))
+            _layout, boot, booted = self._disk()
+            # Repair before anything reads the boot files: a torn autoboot.txt must not stop the check.
+            repaired = boot.repair(state.get("primary") or booted.name)
             if repaired:
                 log.warning("repaired boot files: %s", "; ".join(repaired))
-                system = self._system()
+            system = self._system()
             if not self._trial_active(system, state):
                 return self._reconcile_normal_boot(system, state)
+            armed = state.get("trial", {}).get("slot")
+            if armed != system.booted.name:
+                # A tryboot nobody armed (a stray `reboot '0 tryboot'`): never commit what we did not install.
+                self._reject(system, "booted on trial without being armed")
+                message = f"slot {system.booted.name} was started on trial but no update armed it; not committed"
+                if self.config.reboot_on_failed_health:
+                    self.reboot("normal")
+                    message += "; rebooting into slot " + system.primary
+                return BootCheckResult(True, False, message)
             healthy, detail = self.run_health_checks()
             if healthy:
                 self._commit(system)

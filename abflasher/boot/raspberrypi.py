@@ -88,6 +88,14 @@ class PrefixBoot(_PiBoot):
         text = self._read_text(self.firmware, CONFIG_TXT)
         if text is None:
             raise errors.Incompatible(f"{self.firmware.description} has no {CONFIG_TXT}")
+        conditional = bootfiles.conditional_os_prefixes(text)
+        if conditional:
+            section, value = conditional[0]
+            # The firmware would apply it on a matching board and silently override the slot switch.
+            raise errors.Incompatible(
+                f"{CONFIG_TXT} sets os_prefix={value} under [{section.strip('[]')}]: ab-flasher switches slots with the "
+                "os_prefix under [all] only; remove the conditional one"
+            )
         return text
 
     def _slot_for_prefix(self, prefix: str | None, source: str) -> str:
@@ -146,6 +154,10 @@ class PrefixBoot(_PiBoot):
                 text = bootfiles.set_config_os_prefix(backup, self._prefix(primary_hint))
                 self.firmware.write_atomic(CONFIG_TXT, text.encode())
                 repaired.append(f"rebuilt {CONFIG_TXT} from {TRYBOOT_TXT} with os_prefix={self._prefix(primary_hint)}")
+        elif self.firmware.read(TRYBOOT_TXT) is None:
+            # Without tryboot.txt a stray `reboot '0 tryboot'` finds no kernel and hangs until the watchdog.
+            self.firmware.write_atomic(TRYBOOT_TXT, config.encode())
+            repaired.append(f"created {TRYBOOT_TXT} as a copy of {CONFIG_TXT}")
         return repaired
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import requests
 
 from abflasher import errors
-from abflasher.image.sources import HttpSource, HttpStatusError, check_http_url, redact_url
+from abflasher.image.http import HttpSource, HttpStatusError, check_http_url, redact_url
 
 MAX_CHECKSUM_FILE_BYTES = 1024 * 1024
 

@@ -161,9 +161,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return exc.exit_code
     updater = Updater(config)
+    bus_type = BusType.SESSION if args.session else BusType.SYSTEM
     return asyncio.run(
-        serve(updater, bus_type=BusType.SESSION if args.session else BusType.SYSTEM, idle_timeout=args.idle_timeout)
+        serve(updater, bus_type=bus_type, bus_address=starter_bus_address(bus_type), idle_timeout=args.idle_timeout)
     )
+
+
+def starter_bus_address(bus_type: BusType) -> str | None:
+    """The bus that started us by activation, when it is the kind of bus we serve on (the bus passes its address
+    in DBUS_STARTER_ADDRESS; under systemd there is none and the standard address applies)."""
+    wanted = "session" if bus_type == BusType.SESSION else "system"
+    if os.environ.get("DBUS_STARTER_BUS_TYPE") == wanted:
+        return os.environ.get("DBUS_STARTER_ADDRESS") or None
+    return None
 
 
 if __name__ == "__main__":

@@ -397,8 +397,15 @@ class ProgressThrottle:
 
 
 def progress_tuple(progress: Progress) -> list[Any]:
-    """(stage, percent, done, total) as the Progress property and signal carry it; total 0 = unknown."""
-    return [progress.stage, progress.percent or 0, max(0, progress.done), max(0, progress.total or 0)]
+    """(stage, percent, done, total) as the Progress property and signal carry it.
+
+    ``done``/``total`` count the bytes of the current stage. A stage without a count of its own (preparing,
+    configuring) reports the bytes written so far as both, so the last report of a job is the image size.
+    """
+    if progress.total is None:
+        written = max(0, progress.written)
+        return [progress.stage, 100 if written else 0, written, written]
+    return [progress.stage, progress.percent or 0, max(0, progress.done), max(0, progress.total)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
