@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from abflasher import errors
-from abflasher.disk.blockdev import open_target, readback_sha256
+from abflasher.disk.blockdev import ReadbackVerifier, open_target
 from abflasher.image.formats import ImageFormat
 from abflasher.image.pipeline import Progress, ProgressCallback, StreamResult, TargetWriter, stream_image
 from abflasher.image.sources import ImageSource
@@ -53,28 +53,34 @@ def install_image(
     """
     started = time.monotonic()
     with open_target(target, mountinfo=mountinfo, sys_root=sys_root, create=create) as opened:
-        result = stream_image(
-            source,
-            TargetWriter(opened),
-            expected_sha256=expected_sha256,
-            image_format=image_format,
-            gzip_impl=gzip_impl,
-            source_size=source_size,
-            progress=progress,
-            cancel=cancel,
-        )
         # The exclusive fd stays open while verifying so nobody else can open the device for writing meanwhile.
-        if verify:
-            size = result.image_size
+        verifier = ReadbackVerifier(opened.path, cancel=cancel) if verify else None
+        try:
+            result = stream_image(
+                source,
+                TargetWriter(opened),
+                expected_sha256=expected_sha256,
+                image_format=image_format,
+                gzip_impl=gzip_impl,
+                source_size=source_size,
+                progress=progress,
+                cancel=cancel,
+                verifier=verifier,
+            )
+            if verifier is not None:
+                size = result.image_size
 
-            def report(done: int) -> None:
-                if progress is not None:
-                    progress(Progress("verifying", done, size, size))
+                def report(done: int) -> None:
+                    if progress is not None:
+                        progress(Progress("verifying", done, size, size))
 
-            actual = readback_sha256(opened.path, size, progress=report, cancel=cancel)
-            if actual != result.image_sha256:
-                raise errors.ChecksumMismatch(
-                    f"read-back verification of {opened.path} failed: the device holds {actual} for the first "
-                    f"{size} bytes, {result.image_sha256} was written (failing medium?)"
-                )
+                actual = verifier.finish(size, report)
+                if actual != result.image_sha256:
+                    raise errors.ChecksumMismatch(
+                        f"read-back verification of {opened.path} failed: the device holds {actual} for the first "
+                        f"{size} bytes, {result.image_sha256} was written (failing medium?)"
+                    )
+        finally:
+            if verifier is not None:
+                verifier.close()
     return InstallResult(os.fspath(target), result, verify, time.monotonic() - started)

@@ -93,8 +93,8 @@ class PrefixBoot(_PiBoot):
             section, value = conditional[0]
             # The firmware would apply it on a matching board and silently override the slot switch.
             raise errors.Incompatible(
-                f"{CONFIG_TXT} sets os_prefix={value} under [{section.strip('[]')}]: ab-flasher switches slots with the "
-                "os_prefix under [all] only; remove the conditional one"
+                f"{CONFIG_TXT} sets os_prefix={value} under [{section.strip('[]')}]: ab-flasher switches slots "
+                "with the os_prefix under [all] only; remove the conditional one"
             )
         return text
 

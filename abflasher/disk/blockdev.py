@@ -212,100 +212,6 @@ def drop_cache(fd: int, offset: int, length: int) -> None:
     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def readback_sha256(
-    path: str,
-    length: int,
-    *,
-    progress: Callable[[int], None] | None = None,
-    cancel: threading.Event | None = None,
-) -> str:
-    """sha256 of the first ``length`` bytes of ``path`` as stored on the device.
-
-    Reads with O_DIRECT into an aligned buffer where possible; otherwise drops the page cache for the range first.
-    A reader thread keeps the device busy while this thread hashes (both release the GIL).
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-        direct = True
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise errors.DeviceError(f"cannot open {path} to verify it: {exc.strerror}") from exc
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        direct = False
-    try:
-        if not direct:
-            os.posix_fadvise(fd, 0, length, os.POSIX_FADV_DONTNEED)
-        return _hash_fd(fd, path, length, direct=direct, progress=progress, cancel=cancel)
-    finally:
-        os.close(fd)
-
-
-def _hash_fd(
-    fd: int,
-    path: str,
-    length: int,
-    *,
-    direct: bool,
-    progress: Callable[[int], None] | None,
-    cancel: threading.Event | None,
-) -> str:
-    import queue
-
-    digest = hashlib.sha256()
-    free: queue.Queue[mmap.mmap] = queue.Queue()
-    for _ in range(4):
-        free.put(mmap.mmap(-1, VERIFY_CHUNK))
-    filled: queue.Queue[tuple[mmap.mmap, int] | BaseException | None] = queue.Queue()
-    stop = threading.Event()
-
-    def read_all() -> None:
-        offset = 0
-        try:
-            while offset < length:
-                try:
-                    buf = free.get(timeout=0.1)
-                except queue.Empty:
-                    if stop.is_set():
-                        return
-                    continue
-                want = min(VERIFY_CHUNK, length - offset)
-                # O_DIRECT reads whole logical blocks; the tail is read rounded up and cut.
-                request = (want + 4095) // 4096 * 4096 if direct else want
-                got = _pread_full(fd, buf, request, offset)
-                if got < want:
-                    raise errors.ChecksumMismatch(
-                        f"read-back of {path} ended at byte {offset + got}, expected {length} bytes"
-                    )
-                filled.put((buf, want))
-                offset += want
-            filled.put(None)
-        except BaseException as exc:
-            filled.put(exc)
-
-    reader = threading.Thread(target=read_all, name="abflasher-verify-read", daemon=True)
-    reader.start()
-    done = 0
-    try:
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise errors.Cancelled("cancelled while verifying")
-            item = filled.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            buf, n = item
-            digest.update(memoryview(buf)[:n])
-            free.put(buf)
-            done += n
-            if progress is not None:
-                progress(done)
-    finally:
-        stop.set()
-        reader.join()
-    return digest.hexdigest()
-
-
 def _pread_full(fd: int, buf: mmap.mmap, length: int, offset: int) -> int:
     view = memoryview(buf)
     got = 0
@@ -320,3 +226,119 @@ def _pread_full(fd: int, buf: mmap.mmap, length: int, offset: int) -> int:
     finally:
         view.release()
     return got
+
+
+class ReadbackVerifier:
+    """Reads the target back while the install is still writing it, and proves it holds the decoded image.
+
+    The writer reports the flushed end (``durable``) after every sync; a thread reads up to it with O_DIRECT and
+    hashes, so by the time the last block is written most of the verify is done. The image's first block reaches the
+    device last (it is what makes the target look valid), so the hash starts from the in-memory copy of it and the
+    device's copy is compared byte for byte at the end: sha256(first block in memory + rest from the device) equal
+    to the stream's sha256, and the device's first block equal to the one in memory, is the device equal to the image.
+    """
+
+    def __init__(self, path: str, *, cancel: threading.Event | None = None) -> None:
+        self.path = path
+        self._cancel = cancel
+        self._fd, self._direct = self._open(path)
+        self._hash = hashlib.sha256()
+        self._first: bytes | None = None
+        self._position = 0
+        self._durable = 0
+        self._finishing = False
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._report: Callable[[int], None] | None = None
+        self._cond = threading.Condition()
+        self._buffer = mmap.mmap(-1, VERIFY_CHUNK)
+        self._thread = threading.Thread(target=self._run, name="abflasher-verify", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _open(path: str) -> tuple[int, bool]:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise errors.DeviceError(f"cannot open {path} to verify it: {exc.strerror}") from exc
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+
+    def first_block(self, data: bytes) -> None:
+        with self._cond:
+            self._first = bytes(data)
+            self._hash.update(self._first)
+            self._position = len(self._first)
+
+    def durable(self, offset: int) -> None:
+        with self._cond:
+            self._durable = max(self._durable, offset)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopped and (self._first is None or self._position >= self._durable):
+                        if self._finishing:
+                            return
+                        self._cond.wait(timeout=0.5)
+                    if self._stopped:
+                        return
+                    start, end = self._position, min(self._durable, self._position + VERIFY_CHUNK)
+                self._read_and_hash(start, end)
+                with self._cond:
+                    self._position = end
+                    report = self._report
+                if report is not None:
+                    report(end)
+                if self._cancel is not None and self._cancel.is_set():
+                    raise errors.Cancelled("cancelled while verifying")
+        except BaseException as exc:
+            self._error = exc
+
+    def _read_and_hash(self, start: int, end: int) -> None:
+        want = end - start
+        if not self._direct:
+            os.posix_fadvise(self._fd, start, want, os.POSIX_FADV_DONTNEED)
+        # O_DIRECT reads whole logical blocks; the tail of the image is read rounded up and cut.
+        request = (want + 4095) // 4096 * 4096 if self._direct else want
+        got = _pread_full(self._fd, self._buffer, request, start)
+        if got < want:
+            raise errors.ChecksumMismatch(f"read-back of {self.path} ended at byte {start + got}, expected {end}")
+        with memoryview(self._buffer) as view:
+            self._hash.update(view[:want])
+
+    def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
+        """Wait until all ``size`` bytes were read back; returns the sha256 of the image as the device holds it."""
+        with self._cond:
+            self._durable = max(self._durable, size)
+            self._finishing = True
+            self._report = progress
+            position = self._position
+            self._cond.notify()
+        if progress is not None:
+            progress(position)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is None:
+            raise errors.Internal("the verify never saw the image's first block")
+        # Now the first block itself, as the device holds it.
+        length = len(self._first)
+        if not self._direct:
+            os.posix_fadvise(self._fd, 0, length, os.POSIX_FADV_DONTNEED)
+        got = _pread_full(self._fd, self._buffer, (length + 4095) // 4096 * 4096 if self._direct else length, 0)
+        if got < length or self._buffer[:length] != self._first:
+            return "first block differs on the device"
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._buffer.close()

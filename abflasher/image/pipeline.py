@@ -35,7 +35,10 @@ from abflasher.image.sources import ImageSource
 BUFFER_SIZE = 1 << 20
 BUFFER_COUNT = 12
 READ_CHUNK = 1 << 20
-SYNC_INTERVAL = 256 << 20
+#: How often written data is flushed, and so how far the overlapped read-back verify may trail the writes.
+SYNC_INTERVAL = 64 << 20
+#: Up to this many consecutive buffers go to the device in one pwritev.
+WRITE_BATCH = 8
 _POLL = 0.1
 _ZEROS = bytes(BUFFER_SIZE)
 
@@ -81,11 +84,27 @@ class Destination(Protocol):
 
     def write_at(self, offset: int, data: memoryview) -> None: ...
 
+    def write_batch(self, offset: int, views: list[memoryview]) -> None:
+        """Write whole buffers back to back starting at ``offset`` (one system call where possible)."""
+        ...
+
     def zero(self, offset: int, length: int) -> bool:
         """Make the range read as zeros without writing them; False if this destination cannot."""
         ...
 
     def sync(self) -> None: ...
+
+
+class Verifier(Protocol):
+    """Reads back, while the stream is still being written, what has already been flushed to the device."""
+
+    def first_block(self, data: bytes) -> None:
+        """The image's first block, which reaches the device last (see the module docstring)."""
+        ...
+
+    def durable(self, offset: int) -> None:
+        """Everything after the first block up to ``offset`` is written and flushed."""
+        ...
 
 
 class TargetWriter:
@@ -114,6 +133,27 @@ class TargetWriter:
                 f"write to {self._target.path} failed at byte {offset + done}: {exc.strerror}"
             ) from exc
 
+    def write_batch(self, offset: int, views: list[memoryview]) -> None:
+        if len(views) == 1:
+            self.write_at(offset, views[0])
+            return
+        if not self._direct and self._target.direct:
+            set_direct(self._target.fd, True)
+            self._direct = True
+        length = sum(len(view) for view in views)
+        try:
+            done = os.pwritev(self._target.fd, views, offset)
+        except OSError as exc:
+            raise errors.DeviceError(f"write to {self._target.path} failed at byte {offset}: {exc.strerror}") from exc
+        if done < length:
+            # A short vectored write: finish the rest piece by piece.
+            position = offset
+            for view in views:
+                skip = min(len(view), max(0, done - (position - offset)))
+                if skip < len(view):
+                    self.write_at(position + skip, view[skip:])
+                position += len(view)
+
     def zero(self, offset: int, length: int) -> bool:
         return zero_range(self._target, offset, length)
 
@@ -135,6 +175,11 @@ class FileObjectWriter:
     def write_at(self, offset: int, data: memoryview) -> None:
         self._file.seek(offset)
         self._file.write(data)
+
+    def write_batch(self, offset: int, views: list[memoryview]) -> None:
+        self._file.seek(offset)
+        for view in views:
+            self._file.write(view)
 
     def zero(self, offset: int, length: int) -> bool:
         return False
@@ -201,7 +246,8 @@ class _Pipeline:
 
 
 _END = object()
-_Filled = tuple[mmap.mmap, int]
+#: A decoded buffer on its way to the device: the buffer, how much of it is filled, whether that is all zeros.
+_Filled = tuple[mmap.mmap, int, bool]
 
 
 def read_head(source: ImageSource) -> bytes:
@@ -225,6 +271,7 @@ def stream_image(
     source_size: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    verifier: Verifier | None = None,
 ) -> StreamResult:
     """Decode ``source`` into ``dest`` and return what was written and its sha256.
 
@@ -281,7 +328,7 @@ def stream_image(
                 buf[filled : filled + len(data)] = data
                 filled += len(data)
             if filled:
-                pipe.put(to_hash, (buf, filled))
+                pipe.put(to_hash, (buf, filled, False))
             if filled < BUFFER_SIZE:
                 pipe.put(to_hash, _END)
                 return
@@ -292,10 +339,12 @@ def stream_image(
             if item is _END:
                 pipe.put(to_write, _END)
                 return
-            buf, n = cast(_Filled, item)
+            buf, n, _ = cast(_Filled, item)
             with memoryview(buf) as view:
                 image_hash.update(view[:n])
-            pipe.put(to_write, item)
+            # Runs of zeros (free space of a file system) are zeroed on the device instead of written.
+            all_zeros = n == BUFFER_SIZE and buf[:] == _ZEROS
+            pipe.put(to_write, (buf, n, all_zeros))
 
     def write_stage() -> None:
         offset = 0
@@ -319,41 +368,77 @@ def stream_image(
                         pos += n
             zero_run_start = -1
 
+        def check_capacity(end: int) -> None:
+            if dest.capacity is not None and end > dest.capacity:
+                raise errors.TooLarge(
+                    f"the image is larger than {dest.description}: {end} bytes decoded so far, "
+                    f"the target holds {dest.capacity}"
+                )
+
+        pending: object = None
         while True:
-            item = pipe.get(to_write)
+            item = pending if pending is not None else pipe.get(to_write)
+            pending = None
             if item is _END:
                 flush_zeros(offset)
                 state["image_size"] = offset
                 if progress is not None:
                     progress(Progress("writing", source_bytes, total if total is not None else source_bytes, offset))
+                if verifier is not None and offset > last_sync:
+                    dest.sync()
+                    verifier.durable(offset)
                 return
-            buf, n = cast(_Filled, item)
-            if dest.capacity is not None and offset + n > dest.capacity:
-                raise errors.TooLarge(
-                    f"the image is larger than {dest.description}: {offset + n} bytes decoded so far, "
-                    f"the target holds {dest.capacity}"
-                )
+            buf, n, all_zeros = cast(_Filled, item)
+            check_capacity(offset + n)
             if offset == 0:
                 # Invalidate whatever the target held before anything else is written; see the module docstring.
                 held.append((buf, n))
+                if verifier is not None:
+                    verifier.first_block(buf[:n])
                 if not dest.zero(0, n):
                     with memoryview(_ZEROS) as zeros:
                         dest.write_at(0, zeros[:n])
-            elif n == BUFFER_SIZE and buf[:] == _ZEROS:
+            elif all_zeros:
                 if zero_run_start < 0:
                     zero_run_start = offset
                 free.put(buf)
             else:
                 flush_zeros(offset)
-                with memoryview(buf) as view:
-                    dest.write_at(offset, view[:n])
-                free.put(buf)
+                batch = [(buf, n)]
+                end = offset + n
+                # Take whatever else is already decoded, so the device gets fewer, larger writes.
+                while n == BUFFER_SIZE and len(batch) < WRITE_BATCH:
+                    try:
+                        following = to_write.get_nowait()
+                    except queue.Empty:
+                        break
+                    if following is _END:
+                        pending = following
+                        break
+                    next_buf, next_n, next_zeros = cast(_Filled, following)
+                    too_far = dest.capacity is not None and end + next_n > dest.capacity
+                    if next_zeros or next_n != BUFFER_SIZE or too_far:
+                        pending = following
+                        break
+                    batch.append((next_buf, next_n))
+                    end += next_n
+                views = [memoryview(b)[:size] for b, size in batch]
+                try:
+                    dest.write_batch(offset, views)
+                finally:
+                    for view in views:
+                        view.release()
+                for b, _ in batch:
+                    free.put(b)
+                n = end - offset
             offset += n
             state["written"] = offset
             if offset - last_sync >= SYNC_INTERVAL:
                 flush_zeros(offset)
                 dest.sync()
                 last_sync = offset
+                if verifier is not None:
+                    verifier.durable(offset)
             now = time.monotonic()
             if progress is not None and now - last_report >= 0.05:
                 last_report = now

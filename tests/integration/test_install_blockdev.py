@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import subprocess
 import sys
@@ -117,27 +118,26 @@ def test_block_device_size_and_direct_io(loop_disk: LoopDisk) -> None:
 
 
 def test_readback_failure_is_an_error(loop_disk: LoopDisk) -> None:
-    """The medium changes what we wrote (a failing card): the verify must catch it, from the device."""
+    """The medium changes what we wrote (a failing card): the verify must catch it, reading from the device."""
     node = loop_disk.partition(2)
     data = payload(22 * MIB)
     corrupted = threading.Event()
 
-    def corrupt_tail_once(progress: Progress) -> None:
-        # The verify reader runs at most four 4 MiB buffers ahead of the hasher, so the last MiB is not read yet.
-        if progress.stage == "verifying" and not corrupted.is_set():
+    def corrupt_written_block_once(progress: Progress) -> None:
+        # 22 MiB is less than one sync interval: nothing is read back before the stream ends, so a block written
+        # earlier can be changed behind the writer's back deterministically.
+        if progress.stage == "writing" and progress.written >= 12 * MIB and not corrupted.is_set():
             fd = os.open(node, os.O_WRONLY | os.O_DIRECT)
             try:
-                import mmap
-
                 buf = mmap.mmap(-1, 4096)
                 buf.write(b"\x5a" * 4096)
-                os.pwrite(fd, buf, len(data) - 4096)
+                os.pwrite(fd, buf, 5 * MIB)
             finally:
                 os.close(fd)
             corrupted.set()
 
     with pytest.raises(errors.ChecksumMismatch, match="read-back verification"):
-        install_image(BytesSource(compress(data, "gzip")), node, progress=corrupt_tail_once)
+        install_image(BytesSource(compress(data, "gzip")), node, progress=corrupt_written_block_once)
     assert corrupted.is_set()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from abflasher import errors
-from abflasher.disk.blockdev import open_target, readback_sha256
+from abflasher.disk.blockdev import ReadbackVerifier, open_target
 from abflasher.image.pipeline import BUFFER_SIZE, FileObjectWriter, Progress, TargetWriter, stream_image
 from abflasher.image.sources import FdSource, FileSource
 from abflasher.install import install_image
@@ -239,14 +239,35 @@ def test_regular_file_target_keeps_its_size_as_capacity(tmp_path: Path) -> None:
     assert target.stat().st_size == 2 * MIB
 
 
-def test_readback_detects_a_changed_byte(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", [7, 2 * MIB + 7, 3 * MIB - 1], ids=["first-block", "middle", "last-byte"])
+def test_readback_detects_a_changed_byte(tmp_path: Path, where: int) -> None:
     data = payload(3 * MIB)
     target = tmp_path / "out.img"
     install_image(BytesSource(compress(data, "gzip")), target, create=True)
     with open(target, "r+b") as handle:
-        handle.seek(2 * MIB + 7)
-        handle.write(b"\x00" if data[2 * MIB + 7] else b"\x01")
-    assert readback_sha256(str(target), len(data)) != sha(data)
+        handle.seek(where)
+        handle.write(b"\x00" if data[where] else b"\x01")
+    verifier = ReadbackVerifier(str(target))
+    try:
+        verifier.first_block(data[:BUFFER_SIZE])
+        verifier.durable(len(data))
+        assert verifier.finish(len(data)) != sha(data)
+    finally:
+        verifier.close()
+
+
+def test_readback_of_an_intact_target_matches(tmp_path: Path) -> None:
+    data = payload(5 * MIB + 100)
+    target = tmp_path / "out.img"
+    target.write_bytes(data)
+    verifier = ReadbackVerifier(str(target))
+    try:
+        verifier.first_block(data[:BUFFER_SIZE])
+        verifier.durable(2 * MIB)
+        verifier.durable(len(data))
+        assert verifier.finish(len(data)) == sha(data)
+    finally:
+        verifier.close()
 
 
 @pytest.mark.parametrize(
