@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import stat
@@ -19,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from dbus_next.aio.message_bus import MessageBus
@@ -227,6 +229,15 @@ class ServiceClient:
 # polkit agent
 
 
+def _in_logind_session() -> bool:
+    """Does this process belong to a logind session (what polkit asks libsystemd: a session-N.scope cgroup)?"""
+    try:
+        cgroups = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return False
+    return re.search(r"/session-[^/]+\.scope(/|$)", cgroups, re.MULTILINE) is not None
+
+
 class PolkitAgent:
     """``pkttyagent`` for this process, as fwupdmgr does: polkit can then ask for a password on the terminal."""
 
@@ -234,11 +245,16 @@ class PolkitAgent:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> bool:
+        argv = ["pkttyagent", "--process", str(os.getpid())]
+        # --fallback lets a desktop's agent win when there is one; polkit looks fallback agents up through the
+        # caller's logind session, so outside a session (containers, minimal images) it would never be used at all.
+        if _in_logind_session():
+            argv.append("--fallback")
         read_end, write_end = os.pipe()
         try:
             try:
                 self.process = subprocess.Popen(
-                    ["pkttyagent", "--process", str(os.getpid()), "--notify-fd", str(write_end), "--fallback"],
+                    [*argv, "--notify-fd", str(write_end)],
                     pass_fds=(write_end,),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

@@ -33,7 +33,7 @@ from abflasher.image.formats import DETECT_BYTES, ImageFormat, detect_format, gz
 from abflasher.image.sources import ImageSource
 
 BUFFER_SIZE = 1 << 20
-BUFFER_COUNT = 12
+BUFFER_COUNT = 8
 READ_CHUNK = 1 << 20
 #: How often written data is flushed, and so how far the overlapped read-back verify may trail the writes.
 SYNC_INTERVAL = 64 << 20
@@ -70,7 +70,9 @@ class StreamResult:
     image_size: int
     image_sha256: str
     source_bytes: int
-    source_sha256: str
+    source_sha256: str | None
+    """sha256 of the bytes as the source delivered them; only computed when there is a checksum to compare it
+    with (a raw image's is its image_sha256)."""
     zeroed_bytes: int
     matched: str | None
     """Which hash the expected checksum matched: ``image`` (decompressed) or ``source`` (the compressed file)."""
@@ -245,6 +247,14 @@ class _Pipeline:
         return thread
 
 
+def _is_zero(buf: mmap.mmap) -> bool:
+    """Whether a full buffer holds only zeros. One byte per 4 KiB block is looked at first: data almost always
+    shows there, so the full comparison (a 1 MiB copy) is only paid for buffers that are likely zero."""
+    if buf[::4096].strip(b"\0") or buf[BUFFER_SIZE - 1]:
+        return False
+    return buf[:] == _ZEROS
+
+
 _END = object()
 #: A decoded buffer on its way to the device: the buffer, how much of it is filled, whether that is all zeros.
 _Filled = tuple[mmap.mmap, int, bool]
@@ -287,14 +297,15 @@ def stream_image(
 
     pipe = _Pipeline(cancel)
     pipe.check()
-    compressed: queue.Queue[object] = queue.Queue(maxsize=8)
+    compressed: queue.Queue[object] = queue.Queue(maxsize=3)
     to_hash: queue.Queue[object] = queue.Queue(maxsize=BUFFER_COUNT)
     to_write: queue.Queue[object] = queue.Queue(maxsize=BUFFER_COUNT)
     free: queue.Queue[object] = queue.Queue()
     for _ in range(BUFFER_COUNT):
         free.put(mmap.mmap(-1, BUFFER_SIZE))
 
-    source_hash = hashlib.sha256(head)
+    # Published checksums are often of the compressed file; hash it only when there is one to compare with.
+    source_hash = hashlib.sha256(head) if expected_sha256 is not None and fmt is not ImageFormat.RAW else None
     image_hash = hashlib.sha256()
     source_bytes = len(head)
     state = {"written": 0, "zeroed": 0, "image_size": 0}
@@ -308,7 +319,8 @@ def stream_image(
             if not chunk:
                 pipe.put(compressed, _END)
                 return
-            source_hash.update(chunk)
+            if source_hash is not None:
+                source_hash.update(chunk)
             source_bytes += len(chunk)
             pipe.put(compressed, chunk)
 
@@ -343,7 +355,7 @@ def stream_image(
             with memoryview(buf) as view:
                 image_hash.update(view[:n])
             # Runs of zeros (free space of a file system) are zeroed on the device instead of written.
-            all_zeros = n == BUFFER_SIZE and buf[:] == _ZEROS
+            all_zeros = n == BUFFER_SIZE and _is_zero(buf)
             pipe.put(to_write, (buf, n, all_zeros))
 
     def write_stage() -> None:
@@ -468,7 +480,7 @@ def stream_image(
     if image_size == 0:
         raise errors.BadImage("the image decodes to zero bytes")
     image_sha256 = image_hash.hexdigest()
-    source_sha256 = source_hash.hexdigest()
+    source_sha256 = image_sha256 if fmt is ImageFormat.RAW else source_hash.hexdigest() if source_hash else None
     matched: str | None = None
     if expected_sha256 is not None:
         expected = expected_sha256.lower()

@@ -87,16 +87,17 @@ def current_caller() -> Caller:
     return CURRENT_CALLER.get() or Caller("")
 
 
-def not_authorized_message(action: str, *, challenge: bool) -> str:
+def not_authorized_message(action: str, *, challenge: bool, interactive: bool = False) -> str:
+    """One line that says what was refused and what to do about it."""
     what = _ACTION_WORDS.get(action, action)
+    group_hint = f"add yourself to the {GROUP} group (sudo adduser $USER {GROUP}) and log in again"
     if action == ACTION_DOWNGRADE:
-        return f"not allowed to {what}: downgrades need an administrator (run the command with sudo)"
+        return f"not allowed to {what}: downgrades need an administrator's password (run the command in a terminal)"
+    if challenge and interactive:
+        return f"not allowed to {what}: authentication failed or was cancelled (to skip it, {group_hint})"
     if challenge:
-        return (
-            f"not allowed to {what} without authentication: add yourself to the {GROUP} group "
-            f"(sudo adduser $USER {GROUP}) and log in again, or run the command from a terminal to enter a password"
-        )
-    return f"not allowed to {what}: add yourself to the {GROUP} group (sudo adduser $USER {GROUP}) and log in again"
+        return f"not allowed to {what}: {group_hint}, or run the command in a terminal to authenticate"
+    return f"not allowed to {what}: {group_hint}"
 
 
 class Authorizer(Protocol):
@@ -145,4 +146,6 @@ class PolkitAuthorizer:
             log.info("polkit: %s authorized for %s", action, caller.bus_name)
             return
         log.info("polkit: %s denied for %s (challenge: %s)", action, caller.bus_name, is_challenge)
-        raise errors.NotAuthorized(not_authorized_message(action, challenge=bool(is_challenge)))
+        raise errors.NotAuthorized(
+            not_authorized_message(action, challenge=bool(is_challenge), interactive=allow_interaction)
+        )

@@ -21,6 +21,7 @@ import pytest
 from dbus_next.constants import MessageType
 
 from abflasher.service.auth import METHOD_ACTIONS
+from tests.pifirmware import KernelNotFound
 from tests.support.bus import (
     BUS_NAME,
     ClientVenv,
@@ -156,6 +157,15 @@ def _slot(status: dict[str, Any], name: str) -> dict[str, Any]:
     return next(slot for slot in status["slots"] if slot["name"] == name)
 
 
+def _tryboot_slot(pi: SimulatedPi) -> str | None:
+    """The slot a tryboot would start, None when no trial is armed (the firmware finds no kernel and the watchdog
+    resets into the normal boot)."""
+    try:
+        return pi.slot_for(pi.firmware(tryboot=True))
+    except KernelNotFound:
+        return None
+
+
 def _wait_for_writing(recorder: SignalRecorder, timeout: float = 60.0) -> str:
     first = recorder.wait_for(lambda m: m.member == "Progress" and m.body[1] == "writing", timeout, "writing")
     return str(first.body[0])
@@ -266,6 +276,15 @@ def test_an_outsider_is_refused_every_mutating_method_and_can_still_read(
     assert "denied" in service.log_text()
 
 
+def test_a_member_still_needs_an_administrator_to_downgrade(rig: Rig, device: Device, service: ServiceProcess) -> None:
+    done = rig.ctl(rig.users.member, "update", "0.9.0", "--allow-downgrade")
+    assert done.returncode == 3, done.stderr.decode()
+    assert "downgrades need an administrator" in done.stderr.decode()
+    plain = rig.ctl(rig.users.member, "update", "0.9.0")
+    assert plain.returncode == 6, plain.stderr.decode()
+    assert "--allow-downgrade" in plain.stderr.decode()
+
+
 def test_a_second_update_is_busy_and_cancel_leaves_the_target_incomplete(
     rig: Rig, device: Device, service: ServiceProcess
 ) -> None:
@@ -305,9 +324,9 @@ def test_a_second_update_is_busy_and_cancel_leaves_the_target_incomplete(
     assert _slot(status, "b")["state"] == "incomplete"
     assert status["state"] == "idle"
     assert "cancel" in status["last_error"]
-    # and the device still boots the old slot only
+    # and the half-written slot is not offered to the firmware
     assert device.pi.slot_for(device.pi.firmware(tryboot=False)) == "a"
-    assert device.pi.slot_for(device.pi.firmware(tryboot=True)) == "a"
+    assert _tryboot_slot(device.pi) != "b"
     # free again afterwards
     again = rig.ctl(member, "--json", "update", "1.1.0")
     assert again.returncode == 0, again.stderr.decode()
@@ -366,13 +385,15 @@ def test_a_pipe_that_breaks_mid_stream_fails_cleanly(rig: Rig, device: Device, s
         finally:
             stop_process(feeder)
     assert client.returncode == 9, stderr.decode()
-    completed = _json_lines(stdout)[-1]
+    events = _json_lines(stdout)
+    completed = next(e for e in events if e["event"] == "completed")
     assert completed["error"] == ERR + "BadImage"
+    assert events[-1]["event"] == "error"
     assert "Traceback" not in stderr.decode()
     status = _status(rig, member)
     assert _slot(status, "b")["state"] == "incomplete"
     assert status["state"] == "failed"
-    assert device.pi.slot_for(device.pi.firmware(tryboot=True)) == "a"
+    assert _tryboot_slot(device.pi) != "b"
     # the service is fine afterwards
     assert service.process.poll() is None
 

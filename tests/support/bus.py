@@ -391,12 +391,39 @@ class TestUsers:
         return pwd.getpwnam(name).pw_uid
 
     def close(self) -> None:
+        uids = set()
+        for name in self._created_users:
+            with contextlib.suppress(KeyError):
+                uids.add(pwd.getpwnam(name).pw_uid)
+        _kill_processes_of(uids)
         for name in self._created_users:
             subprocess.run(["userdel", name], capture_output=True, timeout=30, check=False)
         self._created_users.clear()
         if self._created_group:
             subprocess.run(["groupdel", GROUP], capture_output=True, timeout=30, check=False)
             self._created_group = False
+
+
+def _pids_of(uids: set[int]) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid in uids:
+                    pids.append(int(entry))
+    return pids
+
+
+def _kill_processes_of(uids: set[int]) -> None:
+    """Whatever still runs as the test users (a process left behind by a failed test; runuser forks, so a test
+    stopping runuser with SIGKILL would leave its child): killed by PID, so the users can be deleted."""
+    if not uids:
+        return
+    for pid in _pids_of(uids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: not _pids_of(uids), timeout=10, what="the test users' processes to exit")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
