@@ -6,6 +6,7 @@ For provisioning and factory flashing (what people use bmaptool for): ``ab-flash
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ from types import FrameType
 from typing import Any, TextIO
 
 from abflasher import __version__, errors
+from abflasher.config import DEFAULT_PATH, load_config
 from abflasher.image.formats import ImageFormat
 from abflasher.image.pipeline import Progress
 from abflasher.install import InstallResult, install_image
+from abflasher.updater import SystemStatus
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -56,10 +59,31 @@ def _build_parser() -> argparse.ArgumentParser:
     write.add_argument("--create", action="store_true", help="create TARGET as a regular file if it does not exist")
     write.add_argument("--json", action="store_true", help="print the result as one JSON object")
     write.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    boot_check = commands.add_parser(
+        "boot-check",
+        help="on boot: reconcile the state, and on a trial boot run the health checks and commit or reject",
+        description="Run by ab-flasher-boot-check.service once the system has started. On a trial boot it runs "
+        "the health checks (/etc/ab-flasher/health.d and systemd's state) and commits the slot when they pass; "
+        "otherwise the slot is rejected and, unless configured not to, the device reboots into the committed slot.",
+    )
+    boot_check.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+    boot_check.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+    status = commands.add_parser(
+        "status",
+        help="the slot table, read directly (root; abflasherctl status asks the service instead)",
+    )
+    status.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
     return parser
 
 
-class _ProgressPrinter:
+#: Stages whose progress is counted in bytes; the others are steps without a measure.
+BYTE_STAGES = frozenset({"writing", "verifying"})
+
+
+class ProgressPrinter:
     """A tqdm bar on a terminal; a line every few percent otherwise (logs, pipes)."""
 
     def __init__(self, stream: TextIO, enabled: bool) -> None:
@@ -77,6 +101,9 @@ class _ProgressPrinter:
             self.close()
             self._stage = progress.stage
             self._last_percent = -10
+            if progress.stage not in BYTE_STAGES:
+                print(f"{progress.stage}...", file=self._stream, flush=True)
+                return
             if self._tty:
                 from tqdm import tqdm
 
@@ -89,6 +116,8 @@ class _ProgressPrinter:
                     file=self._stream,
                     leave=True,
                 )
+        if progress.stage not in BYTE_STAGES:
+            return
         if self._bar is not None:
             self._bar.update(progress.done - self._bar.n)
             return
@@ -136,7 +165,7 @@ def _write(args: argparse.Namespace) -> InstallResult:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    printer = _ProgressPrinter(sys.stderr, enabled=not args.quiet)
+    printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
     source = open_source(args.source)
     try:
         return install_image(
@@ -154,9 +183,59 @@ def _write(args: argparse.Namespace) -> InstallResult:
         source.close()
 
 
+def _boot_check(args: argparse.Namespace) -> int:
+    from abflasher.updater import Updater
+
+    result = Updater(load_config(args.config)).boot_check()
+    if args.json:
+        print(json.dumps({"trial": result.trial, "committed": result.committed, "message": result.message}))
+    else:
+        print(result.message)
+    return 0 if result.committed or not result.trial else errors.NoTrial.exit_code
+
+
+def _status(args: argparse.Namespace) -> int:
+    from abflasher.updater import Updater
+
+    status = Updater(load_config(args.config)).status()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(status)))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: SystemStatus) -> str:
+    """The slot table as people read it (``ab-flasher status``, the demo)."""
+    trial = " (trial boot, not yet committed)" if status.trial_active else ""
+    lines = [f"{status.layout} layout; booted slot {status.booted_slot} ({status.booted_version or '?'}){trial}"]
+    headers = ("SLOT", "VERSION", "STATE", "BOOTED", "PRIMARY", "DEVICE", "INSTALLED")
+    rows = [headers]
+    for slot in status.slots:
+        installed = slot.installed.get("result", "")
+        rows.append(
+            (
+                slot.name,
+                slot.version or "-",
+                slot.state,
+                "yes" if slot.booted else "",
+                "yes" if slot.primary else "",
+                slot.device,
+                str(installed),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
+        if args.command == "boot-check":
+            return _boot_check(args)
+        if args.command == "status":
+            return _status(args)
         result = _write(args)
     except errors.AbFlasherError as exc:
         if getattr(args, "json", False):

@@ -262,3 +262,16 @@ def test_plain_progress_prints_a_line_per_stage_and_ten_percent() -> None:
 def test_human_bytes() -> None:
     assert [human_bytes(n) for n in (0, 999, 1000, 1_234_567, 8 * 10**9)] == [
         "0 B", "999 B", "1.0 kB", "1.2 MB", "8.0 GB"]
+
+
+def test_on_a_terminal_update_draws_a_progress_bar(bus: DBusDaemon, service: ServiceProcess) -> None:
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address, TERM="dumb", COLUMNS="100")
+    command = f"{sys.executable} -m abflasher.ctl --no-ask-password update 2.0"
+    done = subprocess.run(["script", "-qec", command, "/dev/null"], env=env, cwd=REPO, capture_output=True,
+                          timeout=60, check=False, stdin=subprocess.DEVNULL)
+    output = done.stdout.decode(errors="replace")
+    assert done.returncode == 0, output
+    assert "\r" in output
+    assert "writing: 100%" in output, output
+    assert "4.19M/4.19M" in output, "a tqdm bar counts bytes"
+    assert "installed 2.0 into slot b" in output
