@@ -13,6 +13,7 @@ The engine never imports D-Bus; the service runs ``run()`` in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -458,7 +459,9 @@ class Updater:
             version = self._fix_up_root(system, target, request)
             if cancel.is_set():
                 raise errors.Cancelled("the update was cancelled")
-            system.boot.install_boot_files(target, system.booted, None)
+            with tempfile.TemporaryDirectory(prefix="boot-artifact-", dir=self._run_dir()) as tmp:
+                artifact = self._fetch_boot_artifact(prepared, Path(tmp), cancel)
+                system.boot.install_boot_files(target, system.booted, artifact)
             system.boot.set_trial(target.name)
         except (errors.BadImage, errors.Incompatible, errors.UpToDate, errors.Downgrade) as exc:
             # A complete, verified image that must not run here.
@@ -498,11 +501,62 @@ class Updater:
             else:
                 system.boot.commit(system.primary)
 
+    def _run_dir(self) -> Path:
+        run_dir = Path(self.config.run_dir)
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return run_dir
+
+    def _fetch_boot_artifact(self, prepared: PreparedUpdate, workdir: Path, cancel: threading.Event) -> Path | None:
+        """The new slot's boot files as published next to the image (boot_artifact_url), checked against their
+        sha256; None when none is configured (then the running slot's boot files are copied)."""
+        from abflasher.image.checksums import fetch_checksum
+        from abflasher.image.http import HttpSource, check_http_url
+
+        request = prepared.request
+        if not self.config.boot_artifact_url or not request.version:
+            return None
+        url = self.config.boot_artifact_url.replace("{version}", request.version)
+        check_http_url(url, "boot artifact")
+        name = os.path.basename(url.split("?", 1)[0]) or "boot-artifact"
+        expected: str | None = None
+        checksum_url = self.config.checksum_url_for(request.version, url)
+        if checksum_url:
+            expected = fetch_checksum(
+                checksum_url,
+                name,
+                connect_timeout=self.config.http_connect_timeout,
+                read_timeout=self.config.http_read_timeout,
+                retries=self.config.http_retries,
+            )
+        elif self.config.require_checksum:
+            raise errors.InvalidArgument("no checksum for the boot artifact: configure checksum_url")
+        path = workdir / name
+        digest = hashlib.sha256()
+        source = HttpSource(
+            url,
+            connect_timeout=self.config.http_connect_timeout,
+            read_timeout=self.config.http_read_timeout,
+            retries=self.config.http_retries,
+            label="boot artifact",
+        )
+        try:
+            with open(path, "wb") as handle:
+                while chunk := source.read(1 << 20):
+                    if cancel.is_set():
+                        raise errors.Cancelled("the update was cancelled")
+                    digest.update(chunk)
+                    handle.write(chunk)
+        finally:
+            source.close()
+        if expected is not None and digest.hexdigest() != expected:
+            raise errors.ChecksumMismatch(
+                f"boot artifact {name}: sha256 {digest.hexdigest()}, its checksum file says {expected}"
+            )
+        return path
+
     @contextlib.contextmanager
     def _mounted(self, device: str) -> Iterator[Path]:
-        run_dir = Path(self.config.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        mountpoint = Path(tempfile.mkdtemp(prefix="slot-", dir=run_dir))
+        mountpoint = Path(tempfile.mkdtemp(prefix="slot-", dir=self._run_dir()))
         try:
             done = self._run(["mount", "-t", "ext4", "-o", "rw,nosuid,nodev,noexec", device, str(mountpoint)], 120)
             if done.returncode != 0:

@@ -34,7 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(params=LAYOUTS)
 def pi(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SimulatedPi]:
     with SimulatedPi(tmp_path, request.param) as device:
+        data_before = device.partition_sha(device.data_partition())
         yield device
+        # Whatever the scenario did, the data partition is never written.
+        assert device.partition_sha(device.data_partition()) == data_before
 
 
 def root_image(tmp_path: Path, version: str, *, size_mb: int = 24) -> Path:
@@ -309,3 +312,92 @@ def test_trial_reboot_uses_the_tryboot_command(pi: SimulatedPi, tmp_path: Path) 
     assert pi.reboots() == [f"{pi.workdir}/fake-reboot 0 tryboot"]
     pi.updater().reboot("trial")
     assert len(pi.reboots()) == 2
+
+
+def boot_artifact(tmp_path: Path, layout: str) -> bytes:
+    """What a publisher puts next to the image: a boot partition image (autoboot) or a boot tarball (prefix),
+    carrying a kernel of its own and a cmdline.txt whose root= names the build machine's disk."""
+    tree = tmp_path / "artifact"
+    tree.mkdir()
+    (tree / "start4.elf").write_bytes(b"firmware")
+    (tree / "kernel8.img").write_bytes(b"kernel 1.1.0 from the artifact")
+    (tree / "config.txt").write_text("[all]\narm_64bit=1\n")
+    (tree / "cmdline.txt").write_text("console=serial0,115200 root=PARTUUID=deadbeef-02 rootwait\n")
+    (tree / "ARTIFACT").write_text("1.1.0\n")
+    if layout == "prefix":
+        import io
+        import tarfile
+
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for path in sorted(tree.iterdir()):
+                archive.add(path, arcname=path.name)
+        return buffer.getvalue()
+    image = tmp_path / "boot.img"
+    with open(image, "wb") as handle:
+        handle.truncate(8 << 20)
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    subprocess.run(["mkfs.vfat", "-n", "BOOT", str(image)], check=True, capture_output=True, timeout=60)
+    for path in sorted(tree.iterdir()):
+        subprocess.run(
+            ["mcopy", "-i", str(image), str(path), f"::/{path.name}"], check=True, env=env, timeout=60
+        )
+    return gzip.compress(image.read_bytes())
+
+
+def test_boot_files_come_from_the_published_artifact(pi: SimulatedPi, tmp_path: Path) -> None:
+    import dataclasses
+
+    from tests.support.httpserver import serve_files
+
+    image = root_image(tmp_path, "1.1.0").read_bytes()
+    artifact = boot_artifact(tmp_path, pi.layout)
+    name = "boot.tar.gz" if pi.layout == "prefix" else "boot.img.gz"
+    files = {
+        "/1.1.0/root.img.gz": image,
+        "/1.1.0/root.img.gz.sha256": f"{hashlib.sha256(image).hexdigest()}  root.img.gz\n".encode(),
+        f"/1.1.0/{name}": artifact,
+        f"/1.1.0/{name}.sha256": f"{hashlib.sha256(artifact).hexdigest()}  {name}\n".encode(),
+    }
+    with serve_files(files) as server:
+        pi.config = dataclasses.replace(
+            pi.config,
+            image_url=server.url("/{version}/root.img.gz"),
+            boot_artifact_url=server.url(f"/{{version}}/{name}"),
+            require_checksum=True,
+        )
+        updater = pi.updater()
+        updater.run(updater.prepare(UpdateRequest(version="1.1.0")), lambda p: None, threading.Event())
+    decision = pi.firmware(tryboot=True)
+    assert pi.slot_for(decision) == "b"
+    b_boot = pi.image.boot("b").number if pi.layout == "autoboot" else 1
+    marker = pi.fat_file(b_boot, "ARTIFACT" if pi.layout == "autoboot" else "b/ARTIFACT")
+    assert marker == b"1.1.0\n"
+    assert decision.root == f"PARTUUID={pi.image.partuuid(pi.image.root('b').number)}"
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "a"
+
+
+def test_a_boot_artifact_with_a_wrong_checksum_is_refused(pi: SimulatedPi, tmp_path: Path) -> None:
+    import dataclasses
+
+    from tests.support.httpserver import serve_files
+
+    image = root_image(tmp_path, "1.1.0").read_bytes()
+    files = {
+        "/1.1.0/root.img.gz": image,
+        "/1.1.0/root.img.gz.sha256": f"{hashlib.sha256(image).hexdigest()}  root.img.gz\n".encode(),
+        "/1.1.0/boot.bin": b"tampered",
+        "/1.1.0/boot.bin.sha256": f"{'0' * 64}  boot.bin\n".encode(),
+    }
+    boot_before = pi.boot_config_files()
+    with serve_files(files) as server:
+        pi.config = dataclasses.replace(
+            pi.config,
+            image_url=server.url("/{version}/root.img.gz"),
+            boot_artifact_url=server.url("/{version}/boot.bin"),
+        )
+        updater = pi.updater()
+        with pytest.raises(errors.ChecksumMismatch, match="boot artifact"):
+            updater.run(updater.prepare(UpdateRequest(version="1.1.0")), lambda p: None, threading.Event())
+    assert pi.boot_config_files() == boot_before
+    assert {s.name: s.state for s in pi.updater().status().slots}["b"] == "incomplete"
