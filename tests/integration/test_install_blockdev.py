@@ -240,3 +240,46 @@ def test_cli_write_of_a_real_ext4_root(loop_disk: LoopDisk, tmp_path: Path) -> N
         check=True,
     )
     assert shown.stdout.strip() == "1.1.0"
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [{"drop_after": 300_000, "drop_requests": 2}, {"drop_after": 300_000, "drop_requests": 1, "ignore_range": True}],
+    ids=["resumed-with-range", "server-ignores-range"],
+)
+def test_http_download_that_drops_mid_body_still_installs_and_verifies(
+    loop_disk: LoopDisk, faults: dict[str, object]
+) -> None:
+    from abflasher.image.http import HttpSource
+    from tests.support.httpserver import FaultServer
+
+    data = payload(6 * MIB)
+    blob = compress(data, "gzip")
+    with FaultServer() as server:
+        server.add("/root.img.gz", blob, **faults)
+        source = HttpSource(server.url("/root.img.gz"), backoff=0.01, read_timeout=5)
+        try:
+            result = install_image(source, loop_disk.partition(2), expected_sha256=hashlib.sha256(blob).hexdigest())
+        finally:
+            source.close()
+        ranges = [r.range for r in server.requests_for("/root.img.gz")]
+    assert result.verified
+    assert result.stream.matched == "source"
+    assert device_sha(loop_disk.partition(2), len(data)) == hashlib.sha256(data).hexdigest()
+    assert len(ranges) >= 2
+    assert (ranges[1] or "").startswith("bytes=")
+
+
+def test_cli_refuses_to_write_when_the_checksum_file_is_missing(loop_disk: LoopDisk) -> None:
+    from tests.support.httpserver import FaultServer
+
+    node = loop_disk.partition(3)
+    before = device_sha(node)
+    with FaultServer() as server:
+        server.add("/root.img.gz", compress(payload(MIB), "gzip"))
+        done = run_cli(
+            "write", server.url("/root.img.gz"), node, "--sha256-url", server.url("/root.img.gz.sha256"), "-q"
+        )
+    assert done.returncode == errors.Network.exit_code, done.stderr
+    assert "refusing to install without verification" in done.stderr
+    assert device_sha(node) == before, "nothing may be written without the checksum"
