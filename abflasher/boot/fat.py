@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Protocol
 
 from abflasher import errors
+from abflasher.disk.mounts import mount_points
 
 TEMP_NAME_RE = re.compile(r"ABF\d{5}\.TMP", re.IGNORECASE)
 # Characters FAT long names cannot hold, plus mtools' wildcard brackets.
@@ -707,28 +708,6 @@ class MtoolsVolume:
 # --------------------------------------------------------------------------------------------------- choosing
 
 
-def _unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
-
-
-def _mount_points(mountinfo: str) -> dict[tuple[int, int], list[tuple[str, str]]]:
-    """(major, minor) → [(root of the mount within the file system, mount point)] from a mountinfo file."""
-    mounts: dict[tuple[int, int], list[tuple[str, str]]] = {}
-    try:
-        text = Path(mountinfo).read_text()
-    except OSError as exc:
-        raise errors.DeviceError(f"cannot read {mountinfo} to see what is mounted: {exc.strerror or exc}") from exc
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 5:
-            continue
-        major, _, minor = fields[2].partition(":")
-        if major.isdigit() and minor.isdigit():
-            mounts.setdefault((int(major), int(minor)), []).append(
-                (_unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4])))
-    return mounts
-
-
 @dataclass(frozen=True)
 class _BlockRange:
     """A block device (partition) covering bytes [start, start+size) of the device the FAT is addressed in."""
@@ -854,7 +833,7 @@ def open_volume(
         return DirectoryVolume(Path(path))
     if offset < 0 or offset % SECTOR:
         raise errors.InvalidArgument(f"FAT offset {offset} must be a non-negative multiple of {SECTOR} bytes")
-    mounts = _mount_points(mountinfo)
+    mounts = mount_points(mountinfo)
     sys_path = Path(sys_root)
     if stat.S_ISBLK(st.st_mode):
         dev = (os.major(st.st_rdev), os.minor(st.st_rdev))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abflasher import errors
+from abflasher.disk.mounts import mount_points
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -55,23 +56,6 @@ class Target:
         self.close()
 
 
-def _mounted_devices(mountinfo: str) -> dict[tuple[int, int], str]:
-    """(major, minor) → mount point for every mounted block-backed file system."""
-    mounted: dict[tuple[int, int], str] = {}
-    try:
-        text = Path(mountinfo).read_text()
-    except OSError:
-        return mounted
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 5:
-            continue
-        major, _, minor = fields[2].partition(":")
-        if major.isdigit() and minor.isdigit():
-            mounted[(int(major), int(minor))] = fields[4].replace("\\040", " ")
-    return mounted
-
-
 def _swap_devices(swaps: str) -> set[str]:
     try:
         lines = Path(swaps).read_text().splitlines()[1:]
@@ -83,7 +67,7 @@ def _swap_devices(swaps: str) -> set[str]:
 def check_not_in_use(path: str, rdev: int, *, mountinfo: str, swaps: str, sys_root: str) -> None:
     """Refuse a block device that is mounted, used as swap, held by dm/md, or whose partitions are mounted."""
     major, minor = os.major(rdev), os.minor(rdev)
-    mounted = _mounted_devices(mountinfo)
+    mounted = {device: points[0][1] for device, points in mount_points(mountinfo).items()}
     if (major, minor) in mounted:
         raise errors.DeviceError(f"{path} is mounted on {mounted[(major, minor)]}: refusing to write to it")
     if os.path.realpath(path) in {os.path.realpath(s) for s in _swap_devices(swaps)}:

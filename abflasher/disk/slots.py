@@ -126,40 +126,24 @@ def detect_layout(table: PartitionTable, disk: str, forced: str = "auto") -> Dis
             f"p2/p3 FAT boot, p5/p6 roots): {_describe(table)}"
         )
 
-    def part_uuid(number: int) -> str:
-        return table.partition(number).partuuid
+    def slot(name: str, root: int, boot: int | None) -> Slot:
+        return Slot(
+            name=name,
+            role="system",
+            root_partition=root,
+            root_device=partition_node(disk, root),
+            root_partuuid=table.partition(root).partuuid,
+            size=table.size_bytes(root),
+            boot_partition=boot,
+            boot_prefix=f"{name}/" if boot is None else None,
+            boot_partuuid=table.partition(boot if boot is not None else 1).partuuid,
+        )
 
     if kind == "prefix":
-        slots = tuple(
-            Slot(
-                name=name,
-                role="system",
-                root_partition=root,
-                root_device=partition_node(disk, root),
-                root_partuuid=part_uuid(root),
-                size=table.size_bytes(root),
-                boot_partition=None,
-                boot_prefix=f"{name}/",
-                boot_partuuid=part_uuid(1),
-            )
-            for name, root in (("a", 2), ("b", 3))
-        )
+        slots = (slot("a", 2, None), slot("b", 3, None))
         data = 4 if _is_linux(table, 4) else None
     else:
-        slots = tuple(
-            Slot(
-                name=name,
-                role="system",
-                root_partition=root,
-                root_device=partition_node(disk, root),
-                root_partuuid=part_uuid(root),
-                size=table.size_bytes(root),
-                boot_partition=boot,
-                boot_prefix=None,
-                boot_partuuid=part_uuid(boot),
-            )
-            for name, boot, root in (("a", 2, 5), ("b", 3, 6))
-        )
+        slots = (slot("a", 5, 2), slot("b", 6, 3))
         data = 7 if _has(table, 7) else None
     return DiskLayout(kind=kind, disk=disk, table=table, data_partition=data, slots=slots)
 

@@ -618,7 +618,7 @@ def test_mounted_partition_lookup_in_fake_sysfs(tmp_path: Path) -> None:
         (part / "dev").write_text(f"179:{minor}\n")
         (part / "start").write_text(f"{start}\n")
         (part / "size").write_text("1048576\n")
-    mounts = fat._mount_points(write_mountinfo(tmp_path / "mountinfo",
+    mounts = mount_points(write_mountinfo(tmp_path / "mountinfo",
                                                [("179:1", "/", "/boot/my firmware"), ("179:2", "/", "/")]))
     assert fat._mounted_fat_in(mounts, sys_root, (179, 0), 8192 * 512, "/dev/mmcblk0") == "/boot/my firmware"
     with pytest.raises(errors.DeviceError, match="inside partition mmcblk0p1, which is mounted"):
@@ -626,7 +626,7 @@ def test_mounted_partition_lookup_in_fake_sysfs(tmp_path: Path) -> None:
     assert fat._mounted_fat_in(mounts, sys_root, (179, 0), 4 * MIB - 512, "/dev/mmcblk0") is None
     assert fat._mounted_fat_in(mounts, sys_root, (179, 1), 0, "/dev/mmcblk0p1") == "/boot/my firmware"
     assert fat._mounted_fat_in(mounts, sys_root, (179, 5), 0, "/dev/mmcblk0p5") is None
-    bind_only = fat._mount_points(write_mountinfo(tmp_path / "bind", [("179:1", "/overlays", "/mnt/o")]))
+    bind_only = mount_points(write_mountinfo(tmp_path / "bind", [("179:1", "/overlays", "/mnt/o")]))
     with pytest.raises(errors.DeviceError, match="bind mount of a sub-folder"):
         fat._mounted_fat_in(bind_only, sys_root, (179, 1), 0, "/dev/mmcblk0p1")
 
