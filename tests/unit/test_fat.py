@@ -19,6 +19,7 @@ import pytest
 from abflasher import errors
 from abflasher.boot import bootfiles, fat
 from abflasher.boot.fat import TEMP_NAME_RE, DirectoryVolume, FatVolume, MtoolsVolume, open_volume
+from abflasher.disk.mounts import mount_points
 from tests import pifirmware
 from tests.support.loopdev import LoopDisk
 from tests.support.pidisk import MIB, build_pi_disk, fat_read, make_fat
