@@ -57,7 +57,8 @@ INSTALL_TIMEOUT = 3600.0
 
 def _load_install_bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("install_bench", REPO / "bench" / "install_bench.py")
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise ImportError("cannot load bench/install_bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["install_bench"] = module
     spec.loader.exec_module(module)
@@ -83,7 +84,10 @@ def versioned_image(size_mb: int) -> Path:
         install_bench.run("cp", "--sparse=always", image.raw, raw)
         version_file = Path(tmp) / "ab_version"
         version_file.write_text(VERSION + "\n")
-        install_bench.run("debugfs", "-w", "-R", f"write {version_file} .ab_version", raw)
+        commands = Path(tmp) / "debugfs.cmd"
+        # the engine benchmark's image has a placeholder version that is not a version number
+        commands.write_text(f"rm /.ab_version\nwrite {version_file} /.ab_version\n")
+        install_bench.run("debugfs", "-w", "-f", commands, raw)
         partial = out.with_suffix(".tmp")
         with open(partial, "wb") as handle:
             subprocess.run(["gzip", "-6", "-n", "-c", str(raw)], stdout=handle, check=True, timeout=3600)

@@ -567,13 +567,14 @@ class UpdaterInterface(ServiceInterface):
     async def _start_job(self, request: UpdateRequest) -> str:
         """Validate with the engine and start the job. If this raises, the engine's run() was not started."""
         self._claim("update")
-        previous_state = self.state
+        previous = {"State": self._properties["State"], "Progress": self._properties["Progress"]}
         self._set_properties(State="preparing", Progress=["preparing", 0, 0, 0])
         try:
             prepared = await self._in_thread(self._updater.prepare, request)
         except BaseException:
+            # A refused request is the caller's error, not a job's: the service looks as it did before.
             self._release()
-            self._set_properties(State=previous_state)
+            self._set_properties(**previous)
             raise
         loop = asyncio.get_running_loop()
         self._job_counter += 1

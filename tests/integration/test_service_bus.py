@@ -233,6 +233,27 @@ def test_a_member_installs_a_version_and_follows_it_to_completion(
     assert "1.1.0" in human.stdout.decode()
 
 
+def test_the_whole_cycle_through_the_service(rig: Rig, device: Device) -> None:
+    """update → reboot trial → (the device reboots; a new service starts) → mark-good, all as the member."""
+    member = rig.users.member
+    with ServiceProcess([rig.venv.daemon, "--config", device.config_path], rig.bus):
+        assert rig.ctl(member, "update", "1.1.0").returncode == 0
+        reboot = rig.ctl(member, "reboot", "trial")
+        assert reboot.returncode == 0, reboot.stderr.decode()
+        assert device.pi.reboots() == [f"{device.pi.workdir / 'fake-reboot'} 0 tryboot"]
+    assert device.pi.boot(tryboot=True) == "b"
+    with ServiceProcess([rig.venv.daemon, "--config", device.config_path], rig.bus, log_name="after-reboot.log"):
+        status = _status(rig, member)
+        assert (status["booted_slot"], status["trial_active"], status["booted_version"]) == ("b", True, "1.1.0")
+        good = rig.ctl(member, "mark-good")
+        assert good.returncode == 0, good.stderr.decode()
+        status = _status(rig, member)
+        assert (status["primary_slot"], status["trial_active"]) == ("b", False)
+        assert _slot(status, "b")["state"] == "good"
+        assert rig.ctl(member, "mark-good").returncode == 13  # NoTrial: nothing left to commit
+    assert device.pi.slot_for(device.pi.firmware(tryboot=False)) == "b"
+
+
 #: Each mutating abflasherctl command and the D-Bus method it calls.
 OUTSIDER_COMMANDS: dict[str, list[str]] = {
     "Update": ["update", "1.1.0"],
@@ -318,7 +339,7 @@ def test_a_second_update_is_busy_and_cancel_leaves_the_target_incomplete(
     assert completed.body[:3] == [job, False, ERR + "Cancelled"]
     assert watcher.returncode == 14
     watched_events = _json_lines(watched)
-    assert [e for e in watched_events if e["event"] == "completed"][0]["error"] == ERR + "Cancelled"
+    assert next(e for e in watched_events if e["event"] == "completed")["error"] == ERR + "Cancelled"
     assert watched_events[-1] == {"event": "error", "error": "Cancelled", "message": completed.body[3]}
     status = _status(rig, member)
     assert _slot(status, "b")["state"] == "incomplete"

@@ -29,7 +29,13 @@ from abflasher.service.auth import (
     METHOD_ACTIONS,
     READ_ONLY_METHODS,
 )
-from abflasher.service.interface import INTERNAL_ERROR_MESSAGE, ProgressThrottle, UpdaterInterface, method_names
+from abflasher.service.interface import (
+    INTERNAL_ERROR_MESSAGE,
+    ProgressThrottle,
+    UpdaterInterface,
+    method_names,
+    progress_tuple,
+)
 from tests.support.bus import (
     INTERFACE,
     MIB,
@@ -587,3 +593,21 @@ def test_error_names_in_the_engine_hierarchy_are_valid_dbus_names() -> None:
 
     for cls in errors.ALL_ERRORS:
         assert is_interface_name_valid(cls.dbus_error_name()), cls
+
+
+def test_stages_without_a_count_report_the_bytes_written_so_far() -> None:
+    assert progress_tuple(Progress("preparing", 0, None, 0)) == ["preparing", 0, 0, 0]
+    assert progress_tuple(Progress("writing", 50, 200, 120)) == ["writing", 25, 50, 200]
+    assert progress_tuple(Progress("configuring", 0, None, 4096)) == ["configuring", 100, 4096, 4096]
+
+
+def test_a_refused_request_leaves_state_and_progress_as_they_were(address: str, polkit: DbusmockPolkit) -> None:
+    allow(polkit, ACTION_UPDATE)
+
+    async def scenario() -> list[Any]:
+        async with InProcessService(address, FakeUpdater()) as service:
+            error_of(await service.call("Update", "sa{sv}", ["1.0", {}]))
+            props = ok(await service.call("GetAll", "s", [INTERFACE], interface="org.freedesktop.DBus.Properties"))
+            return [props[0]["State"].value, props[0]["Progress"].value]
+
+    assert run(scenario()) == ["idle", ["", 0, 0, 0]]

@@ -216,3 +216,15 @@ def test_the_bus_policy_lets_only_root_own_the_name_and_anyone_call() -> None:
     assert {"org.abflasher.Updater1", "org.freedesktop.DBus.Properties",
             "org.freedesktop.DBus.Introspectable"} <= callable_interfaces
     assert not list(root.iter("deny")), "deny rules here would also apply to other services' policies"
+
+
+def test_the_activation_file_names_the_service_and_its_systemd_unit() -> None:
+    entries = dict(
+        line.split("=", 1)
+        for line in (REPO / "dbus" / "org.abflasher.Updater.service").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert entries["Name"] == "org.abflasher.Updater"
+    assert entries["User"] == "root"
+    assert entries["SystemdService"] == "ab-flasher.service"
+    assert entries["Exec"].split()[0] == "/usr/bin/ab-flasherd"
