@@ -1,42 +1,72 @@
-"""The main job on a simulated Raspberry Pi: update from 1.0.0 to 1.1.0, try it once, commit it.
+"""The main job on a simulated Raspberry Pi, through the product's own front door.
 
-A real disk image (MBR, FAT boot, ext4 roots, data partition) is attached to a loop device; the update is served
-over HTTP from 127.0.0.1 with a sha256 file next to it; which partition boots is decided by the firmware model
-(tests/pifirmware.py) from the bytes on the disk, with and without the one-shot tryboot flag.
+A real disk image (MBR, FAT boot, ext4 roots A/B, data partition) is attached to a loop device and "booted" at
+1.0.0. The update is served over HTTP from 127.0.0.1 with a sha256 file next to it. ``ab-flasherd`` runs on a
+private system-type D-Bus with a real polkitd, and ``abflasherctl`` asks it for the update, with progress. Which
+partition the Pi firmware boots is decided by the firmware model (tests/pifirmware.py) from the bytes on the disk,
+with and without the one-shot tryboot flag; after the trial boot, ``ab-flasher boot-check`` (what the boot unit
+runs) commits the new slot.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gzip
 import hashlib
 import os
+import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from abflasher.cli import ProgressPrinter, format_status
-from abflasher.updater import UpdateRequest
-from tests.support.httpserver import serve_files
-from tests.support.pidisk import build_root_image
-from tests.support.simpi import SimulatedPi
+from tests.support.bus import (  # noqa: E402
+    DBusDaemon,
+    PolkitDaemon,
+    ServiceProcess,
+    config_file_text,
+    installed_polkit_files,
+)
+from tests.support.httpserver import serve_files  # noqa: E402
+from tests.support.pidisk import build_root_image  # noqa: E402
+from tests.support.simpi import SimulatedPi  # noqa: E402
+
+PYTHON = sys.executable
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+COMMANDS = {"abflasher.ctl": "abflasherctl", "abflasher.cli": "ab-flasher"}
+
+
+def run(argv: list[str], env: dict[str, str]) -> int:
+    """Run ``python -m MODULE ARGS`` and show it as the installed command would be typed."""
+    say("$ " + " ".join([COMMANDS[argv[2]], *argv[3:]]))
+    return subprocess.run(argv, env=env, cwd=REPO, check=False, timeout=600).returncode
+
+
 def firmware_line(pi: SimulatedPi, tryboot: bool) -> str:
     decision = pi.firmware(tryboot=tryboot)
-    slot = pi.slot_for(decision)
     flag = "with the tryboot flag   " if tryboot else "without the tryboot flag"
     return (
         f"  firmware {flag}: partition {decision.partition}, {decision.config_file}, "
-        f"kernel {decision.kernel}, root={decision.root} -> slot {slot}"
+        f"kernel {decision.kernel}, root={decision.root} -> slot {pi.slot_for(decision)}"
     )
+
+
+def update_image(work: Path, root_mb: int) -> tuple[bytes, str]:
+    raw = work / "root-1.1.0.img"
+    payload = {f"usr/share/app/data{i}.bin": os.urandom(1 << 20) for i in range(24)}
+    build_root_image(raw, "1.1.0", size_mb=root_mb - 8, extra_files=payload)
+    image = gzip.compress(raw.read_bytes(), compresslevel=6)
+    raw.unlink()
+    return image, hashlib.sha256(image).hexdigest()
 
 
 def main() -> int:
@@ -45,54 +75,64 @@ def main() -> int:
     parser.add_argument("--root-mb", type=int, default=192, help="size of each root slot")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        say("the demo attaches loop devices: run it as root")
+        say("the demo attaches loop devices and starts a system bus: run it as root")
         return 2
-    with tempfile.TemporaryDirectory(prefix="ab-flasher-demo-") as tmp:
+    bin_dir = Path(PYTHON).parent
+    ctl = [PYTHON, "-m", "abflasher.ctl"]
+    with tempfile.TemporaryDirectory(prefix="ab-flasher-demo-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        say(f"== a simulated Pi ({args.layout} layout), slot A at 1.0.0, slot B empty")
-        with SimulatedPi(work, args.layout, root_mb=args.root_mb) as pi:
-            say(f"  disk {pi.image.path} on {pi.loop.device}")
-            say(format_status(pi.updater().status()))
-            say(firmware_line(pi, tryboot=False))
+        say(f"== a simulated Pi ({args.layout} layout): slot A runs 1.0.0, slot B is empty")
+        (work / "pi").mkdir()
+        pi = stack.enter_context(SimulatedPi(work / "pi", args.layout, root_mb=args.root_mb))
+        say(f"  disk image {pi.image.path} attached as {pi.loop.device}")
+        say(firmware_line(pi, tryboot=False))
 
-            say("\n== the update: version 1.1.0, a gzip'd ext4 root image with its sha256 file, served over HTTP")
-            raw = work / "root-1.1.0.img"
-            filler = {f"usr/share/app/data{i}.bin": os.urandom(1 << 20) for i in range(24)}
-            build_root_image(raw, "1.1.0", size_mb=args.root_mb - 8, extra_files=filler)
-            image = gzip.compress(raw.read_bytes(), compresslevel=6)
-            raw.unlink()
-            digest = hashlib.sha256(image).hexdigest()
-            files = {"/1.1.0/root.img.gz": image, "/1.1.0/root.img.gz.sha256": f"{digest}  root.img.gz\n".encode()}
-            with serve_files(files) as server:
-                base = server.url("/{version}/root.img.gz")
-                pi.config = pi.config.__class__(**{**pi.config.__dict__, "image_url": base, "require_checksum": True})
-                say(f"  image_url = {base}   ({len(image) >> 20} MiB compressed)")
-                updater = pi.updater()
-                prepared = updater.prepare(UpdateRequest(version="1.1.0"))
-                say(f"  target: slot {prepared.target_slot} (neither booted nor committed)")
-                printer = ProgressPrinter(sys.stdout, enabled=True)
-                try:
-                    outcome = updater.run(prepared, printer, threading.Event())
-                finally:
-                    printer.close()
-            say(f"  {outcome.message}")
-            say(format_status(pi.updater().status()))
-            say(firmware_line(pi, tryboot=False))
-            say(firmware_line(pi, tryboot=True))
+        image, digest = update_image(work, args.root_mb)
+        files = {"/1.1.0/root.img.gz": image, "/1.1.0/root.img.gz.sha256": f"{digest}  root.img.gz\n".encode()}
+        server = stack.enter_context(serve_files(files))
+        config = dataclasses.replace(pi.config, image_url=server.url("/{version}/root.img.gz"), require_checksum=True)
+        config_path = work / "ab-flasher.conf"
+        config_path.write_text(config_file_text(config))
+        say(f"  update channel: {config.image_url} ({len(image) >> 20} MiB, sha256 file beside it)")
 
-            say("\n== reboot '0 tryboot': the firmware starts slot B once")
-            booted = pi.boot(tryboot=True)
-            say(f"  booted slot {booted}; the boot check runs the health checks and commits")
-            result = pi.updater().boot_check()
-            say(f"  {result.message}")
-            say(format_status(pi.updater().status()))
-            say(firmware_line(pi, tryboot=False))
+        say("\n== ab-flasherd on a private system bus, with polkitd and the project's D-Bus and polkit policy")
+        work.chmod(0o711)  # polkitd drops to its own user and must reach the bus socket
+        (work / "bus").mkdir(mode=0o755)
+        bus = stack.enter_context(DBusDaemon.system(work / "bus", policy_dirs=[REPO / "dbus"]))
+        stack.enter_context(installed_polkit_files())
+        stack.enter_context(contextlib.closing(PolkitDaemon(bus)))
+        daemon = [PYTHON, "-m", "abflasher.service.daemon", "--config", str(config_path)]
+        service = ServiceProcess(daemon, bus, cwd=REPO)
+        env = bus.env({**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"})
 
-            say("\n== a normal reboot now starts the new version")
-            booted = pi.boot(tryboot=False)
-            status = pi.updater().status()
-            say(f"  booted slot {booted}, version {status.booted_version}")
-            ok = status.booted_version == "1.1.0" and not status.trial_active
+        say("")
+        run([*ctl, "status"], env)
+        say("")
+        if run([*ctl, "update", "1.1.0"], env) != 0:
+            service.close()
+            say(service.log_text())
+            return 1
+        say("")
+        run([*ctl, "status"], env)
+        say(firmware_line(pi, tryboot=False))
+        say(firmware_line(pi, tryboot=True))
+
+        say("\n== reboot '0 tryboot': the firmware starts slot B once")
+        service.close()
+        say(f"  booted slot {pi.boot(tryboot=True)}")
+        run([PYTHON, "-m", "abflasher.cli", "boot-check", "--config", str(config_path)], env)
+        say(firmware_line(pi, tryboot=False))
+
+        say("\n== after the commit, a normal reboot starts 1.1.0")
+        say(f"  booted slot {pi.boot(tryboot=False)}")
+        service = ServiceProcess(daemon, bus, cwd=REPO)
+        say("")
+        run([*ctl, "status"], env)
+        status = subprocess.run(
+            [*ctl, "status", "--json"], env=env, cwd=REPO, capture_output=True, text=True, check=False, timeout=60
+        ).stdout
+        service.close()
+        ok = '"booted_version": "1.1.0"' in status and '"trial_active": false' in status
     say("\nupdate 1.0.0 -> 1.1.0: " + ("committed and running" if ok else "FAILED"))
     return 0 if ok else 1
 
