@@ -30,7 +30,7 @@ BLKFLSBUF = 0x1261
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
-VERIFY_CHUNK = 4 << 20
+VERIFY_CHUNK = 2 << 20
 
 
 @dataclass
@@ -227,7 +227,7 @@ class ReadbackVerifier:
         self._cancel = cancel
         self._fd, self._direct = self._open(path)
         self._hash = hashlib.sha256()
-        self._first: bytes | None = None
+        self._first: memoryview | None = None
         self._position = 0
         self._durable = 0
         self._finishing = False
@@ -248,9 +248,10 @@ class ReadbackVerifier:
                 raise errors.DeviceError(f"cannot open {path} to verify it: {exc.strerror}") from exc
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
 
-    def first_block(self, data: bytes) -> None:
+    def first_block(self, data: memoryview) -> None:
+        """``data`` must stay unchanged until finish(): it is kept, not copied."""
         with self._cond:
-            self._first = bytes(data)
+            self._first = data
             self._hash.update(self._first)
             self._position = len(self._first)
 

@@ -100,8 +100,9 @@ class Destination(Protocol):
 class Verifier(Protocol):
     """Reads back, while the stream is still being written, what has already been flushed to the device."""
 
-    def first_block(self, data: bytes) -> None:
-        """The image's first block, which reaches the device last (see the module docstring)."""
+    def first_block(self, data: memoryview) -> None:
+        """The image's first block, which reaches the device last (see the module docstring); it is not changed
+        until the stream has ended."""
         ...
 
     def durable(self, offset: int) -> None:
@@ -406,7 +407,7 @@ def stream_image(
                 # Invalidate whatever the target held before anything else is written; see the module docstring.
                 held.append((buf, n))
                 if verifier is not None:
-                    verifier.first_block(buf[:n])
+                    verifier.first_block(memoryview(buf)[:n])
                 if not dest.zero(0, n):
                     with memoryview(_ZEROS) as zeros:
                         dest.write_at(0, zeros[:n])

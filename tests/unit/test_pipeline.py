@@ -250,7 +250,7 @@ def test_readback_detects_a_changed_byte(tmp_path: Path, where: int) -> None:
         handle.write(b"\x00" if data[where] else b"\x01")
     verifier = ReadbackVerifier(str(target))
     try:
-        verifier.first_block(data[:BUFFER_SIZE])
+        verifier.first_block(memoryview(data)[:BUFFER_SIZE])
         verifier.durable(len(data))
         assert verifier.finish(len(data)) != sha(data)
     finally:
@@ -263,7 +263,7 @@ def test_readback_of_an_intact_target_matches(tmp_path: Path) -> None:
     target.write_bytes(data)
     verifier = ReadbackVerifier(str(target))
     try:
-        verifier.first_block(data[:BUFFER_SIZE])
+        verifier.first_block(memoryview(data)[:BUFFER_SIZE])
         verifier.durable(2 * MIB)
         verifier.durable(len(data))
         assert verifier.finish(len(data)) == sha(data)
