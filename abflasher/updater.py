@@ -13,6 +13,7 @@ The engine never imports D-Bus; the service runs ``run()`` in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -126,6 +127,7 @@ ProgressCallback = Callable[[Progress], None]
 
 
 STATE_FORMAT = 1
+BOOT_CHECK_LOCK_WAIT = 120.0
 
 
 class StateFile:
@@ -220,6 +222,36 @@ class Updater:
         self._run = runner
         self._open_fat = open_fat
         self._job = threading.Lock()
+
+    @contextlib.contextmanager
+    def _exclusive(self, *, wait: float = 0.0) -> Iterator[None]:
+        """One change of the device at a time, across threads and processes (ab-flasherd and the boot check may
+        run at the same moment at boot): a thread lock plus an flock on state_dir/lock. Without ``wait``, a
+        holder means Busy at once."""
+        acquired = self._job.acquire(timeout=wait) if wait > 0 else self._job.acquire(blocking=False)
+        if not acquired:
+            raise errors.Busy("another update or boot operation is running")
+        try:
+            lock_path = Path(self.config.state_dir, "lock")
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                deadline = time.monotonic() + wait
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise errors.Busy(
+                                "another ab-flasher process (the service or the boot check) is changing the device"
+                            ) from None
+                        time.sleep(0.2)
+                yield
+            finally:
+                os.close(fd)
+        finally:
+            self._job.release()
 
     # ----------------------------------------------------------------------------------------------- looking
 
@@ -384,12 +416,10 @@ class Updater:
                 state.pop("trial", None)
 
     def run(self, prepared: PreparedUpdate, progress: ProgressCallback, cancel: threading.Event) -> UpdateOutcome:
-        if not self._job.acquire(blocking=False):
-            raise errors.Busy("another update is running")
         try:
-            return self._run_update(prepared, progress, cancel)
+            with self._exclusive():
+                return self._run_update(prepared, progress, cancel)
         finally:
-            self._job.release()
             if prepared.request.fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(prepared.request.fd)
@@ -681,7 +711,7 @@ class Updater:
         return system, state
 
     def mark_good(self) -> None:
-        with self._job:
+        with self._exclusive():
             system, _ = self._require_trial()
             self._commit(system)
 
@@ -694,7 +724,7 @@ class Updater:
             state["primary"] = system.booted.name
 
     def mark_bad(self) -> None:
-        with self._job:
+        with self._exclusive():
             system, _ = self._require_trial()
             self._reject(system, "rejected")
 
@@ -706,7 +736,7 @@ class Updater:
             state["primary"] = system.primary
 
     def rollback(self) -> None:
-        with self._job:
+        with self._exclusive():
             system = self._system()
             state = self.state.load()
             if self._trial_active(system, state):
@@ -791,7 +821,8 @@ class Updater:
 
     def boot_check(self) -> BootCheckResult:
         """Reconcile the state with what booted; on a trial boot, run the health checks and commit or reject."""
-        with self._job:
+        # At boot the service may be answering a call at the same moment: wait for it rather than fail.
+        with self._exclusive(wait=BOOT_CHECK_LOCK_WAIT):
             state = self.state.load()
             _layout, boot, booted = self._disk()
             # Repair before anything reads the boot files: a torn autoboot.txt must not stop the check.

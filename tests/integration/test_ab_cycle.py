@@ -401,3 +401,24 @@ def test_a_boot_artifact_with_a_wrong_checksum_is_refused(pi: SimulatedPi, tmp_p
             updater.run(updater.prepare(UpdateRequest(version="1.1.0")), lambda p: None, threading.Event())
     assert pi.boot_config_files() == boot_before
     assert {s.name: s.state for s in pi.updater().status().slots}["b"] == "incomplete"
+
+
+def test_one_change_at_a_time_across_processes(pi: SimulatedPi, tmp_path: Path) -> None:
+    """The boot check and the service may run at the same moment at boot; the state-dir lock serialises them."""
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    pi.boot(tryboot=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(60)", str(Path(pi.config.state_dir) / "lock")],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(errors.Busy, match="another ab-flasher process"):
+            pi.updater().mark_good()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    pi.updater().mark_good()
+    assert pi.slot_for(pi.firmware(tryboot=False)) == "b"
