@@ -14,14 +14,16 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from abflasher import __version__, errors
 from abflasher.config import DEFAULT_PATH, load_config
 from abflasher.image.formats import ImageFormat
 from abflasher.image.pipeline import Progress
 from abflasher.install import InstallResult, install_image
-from abflasher.updater import SystemStatus
+
+if TYPE_CHECKING:
+    from abflasher.updater import SystemStatus
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from abflasher.image.sources import ImageSource
 
 BUFFER_SIZE = 1 << 20
 BUFFER_COUNT = 8
-READ_CHUNK = 1 << 20
+READ_CHUNK = 256 << 10
 #: How often written data is flushed, and so how far the overlapped read-back verify may trail the writes.
 SYNC_INTERVAL = 64 << 20
 #: Up to this many consecutive buffers go to the device in one pwritev.
@@ -298,7 +298,7 @@ def stream_image(
 
     pipe = _Pipeline(cancel)
     pipe.check()
-    compressed: queue.Queue[object] = queue.Queue(maxsize=3)
+    compressed: queue.Queue[object] = queue.Queue(maxsize=8)
     to_hash: queue.Queue[object] = queue.Queue(maxsize=BUFFER_COUNT)
     to_write: queue.Queue[object] = queue.Queue(maxsize=BUFFER_COUNT)
     free: queue.Queue[object] = queue.Queue()
