@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -510,19 +509,3 @@ def test_a_terminal_user_gets_a_polkit_password_prompt(rig: Rig, device: Device,
     assert "AUTHENTICATING FOR org.abflasher.manage-boot" in output, output
     assert done.returncode != 0
     assert not device.pi.reboots()
-
-
-def test_status_round_trip_is_fast(rig: Rig, device: Device, service: ServiceProcess) -> None:
-    timings = []
-    for _ in range(5):
-        started = time.monotonic()
-        assert rig.ctl(rig.users.outsider, "status").returncode == 0
-        timings.append(time.monotonic() - started)
-    # generous here (runuser, a loaded CI machine); bench/ctl_bench.py measures the 0.3 s target
-    assert sorted(timings)[2] < 2.0, timings
-
-
-def test_the_service_uses_little_memory(rig: Rig, device: Device, service: ServiceProcess) -> None:
-    from tests.support.bus import rss_kib
-
-    assert rss_kib(service.pid)[0] < 64 * 1024
