@@ -147,6 +147,13 @@ def _new_temp_name(taken: set[str], like: str = "") -> str:
             return name
 
 
+def _check_read_back(where: str, description: str, written: bytes, read: bytes) -> None:
+    if read != written:
+        raise errors.DeviceError(
+            f"{where} on {description} reads back different from what was written: the medium may be failing"
+        )
+
+
 def _first_difference(expected: Path, actual: Path) -> str | None:
     """Where local tree ``actual`` differs from ``expected`` (names, kinds, bytes), or None if it is the same."""
     expected_names = sorted(child.name for child in expected.iterdir())
@@ -299,9 +306,7 @@ class DirectoryVolume:
                     temp.unlink()
                 raise
             self._fsync_dir(parent)
-            if target.read_bytes() != data:
-                raise errors.DeviceError(f"{where} on {self.description} reads back different from what was "
-                                         "written: the medium may be failing")
+            _check_read_back(where, self.description, data, target.read_bytes())
 
     def remove(self, path: str) -> None:
         parts = _file_parts(path)
@@ -592,9 +597,7 @@ class MtoolsVolume:
             self._discard("mdel", self._mpath(temp))
             raise
         self._sync()
-        if self._run("mtype", self._mpath(target)) != data:
-            raise errors.DeviceError(f"{where} on {self.description} reads back different from what was written: "
-                                     "the medium may be failing")
+        _check_read_back(where, self.description, data, self._run("mtype", self._mpath(target)))
 
     def remove(self, path: str) -> None:
         parts = _file_parts(path)

@@ -59,17 +59,6 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 45.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-@pytest.fixture(scope="module")
-def bus_and_polkit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DBusDaemon, DbusmockPolkit]]:
-    workdir = tmp_path_factory.mktemp("bus")
-    with DBusDaemon.permissive(workdir) as bus:
-        polkit = DbusmockPolkit(bus.address, workdir)
-        try:
-            yield bus, polkit
-        finally:
-            polkit.close()
-
-
 @pytest.fixture
 def address(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> str:
     return bus_and_polkit[0].address

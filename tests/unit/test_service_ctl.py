@@ -27,17 +27,6 @@ from tests.support.bus import MIB, REPO, DBusDaemon, DbusmockPolkit, ServiceProc
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(scope="module")
-def bus_and_polkit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DBusDaemon, DbusmockPolkit]]:
-    workdir = tmp_path_factory.mktemp("ctlbus")
-    with DBusDaemon.permissive(workdir) as bus:
-        polkit = DbusmockPolkit(bus.address, workdir)
-        try:
-            yield bus, polkit
-        finally:
-            polkit.close()
-
-
 @pytest.fixture
 def bus(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> DBusDaemon:
     return bus_and_polkit[0]
