@@ -41,6 +41,7 @@ from abflasher.disk.slots import (
     booted_slot,
     detect_layout,
     find_booted_root,
+    read_file_from_ext,
     read_tryboot_flag,
     read_version_file,
     slot_version,
@@ -136,49 +137,79 @@ class StateFile:
     Written atomically (temp file, fsync, rename, fsync the directory), so a power cut leaves the old or the new
     state, never a mix. An unreadable file is kept aside as state.json.corrupt and treated as empty: the disk and
     the firmware files remain the truth about what boots; the state only adds history.
+
+    /var/lib is part of each slot's root, so each slot holds its own copy: the update carries the state into the new
+    root (``dump``), and ``load`` also reads the other slot's copy (``other_copy``) and keeps whichever has the
+    higher ``generation``, which every save increments. So the new slot knows on its trial boot that it was armed,
+    and the old slot learns after a fallback or a rollback what happened while the other one ran.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        other_copy: Callable[[], bytes | None] | None = None,
+        device_id: Callable[[], str] | None = None,
+    ) -> None:
         self.path = path
+        self._other_copy = other_copy
+        self._device_id = device_id
         self._lock = threading.RLock()
+
+    @staticmethod
+    def _parse(text: str | bytes) -> dict[str, Any]:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+
+    def _load_own(self) -> dict[str, Any]:
+        try:
+            return self._parse(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.error("state file %s is unreadable (%s); starting from an empty state", self.path, exc)
+            with contextlib.suppress(OSError):
+                self.path.replace(self.path.with_suffix(".json.corrupt"))
+            return {}
+
+    def _load_other(self) -> dict[str, Any]:
+        try:
+            raw = self._other_copy() if self._other_copy is not None else None
+            other = self._parse(raw) if raw else {}
+            # A copy that came with an image (made on another device) says nothing about this one.
+            if other and (self._device_id is None or other.get("device") != self._device_id()):
+                return {}
+            return other
+        except (ValueError, errors.AbFlasherError) as exc:
+            # The other slot may be half-written or hold another system: its copy is only a hint.
+            log.info("the other slot's state copy is unusable (%s); using this slot's", exc)
+            return {}
 
     def load(self) -> dict[str, Any]:
         with self._lock:
-            try:
-                data = json.loads(self.path.read_text(encoding="utf-8"))
-                if not isinstance(data, dict):
-                    raise ValueError("not a JSON object")
-            except FileNotFoundError:
-                data = {}
-            except (OSError, ValueError) as exc:
-                log.error("state file %s is unreadable (%s); starting from an empty state", self.path, exc)
-                with contextlib.suppress(OSError):
-                    self.path.replace(self.path.with_suffix(".json.corrupt"))
-                data = {}
+            own = self._load_own()
+            other = self._load_other()
+            data = other if int(other.get("generation", 0)) > int(own.get("generation", 0)) else own
             data.setdefault("format", STATE_FORMAT)
+            data.setdefault("generation", 0)
             data.setdefault("slots", {})
             return data
 
+    @staticmethod
+    def dump(data: dict[str, Any]) -> str:
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def stamp(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` as the next save writes it: one generation newer, marked with this device's disk id."""
+        data["generation"] = int(data.get("generation", 0)) + 1
+        if self._device_id is not None:
+            data["device"] = self._device_id()
+        return data
+
     def save(self, data: dict[str, Any]) -> None:
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".state.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(data, handle, indent=2, sort_keys=True)
-                    handle.write("\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _write_atomically(self.path, self.dump(self.stamp(data)))
 
     @contextlib.contextmanager
     def edit(self) -> Iterator[dict[str, Any]]:
@@ -186,6 +217,27 @@ class StateFile:
             data = self.load()
             yield data
             self.save(data)
+
+
+def _write_atomically(path: Path, text: str, *, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 @dataclass
@@ -218,7 +270,7 @@ class Updater:
         open_fat: Callable[[str], FatVolume] | None = None,
     ) -> None:
         self.config = config
-        self.state = StateFile(config.state_file)
+        self.state = StateFile(config.state_file, self._other_slot_state, self._device_id)
         self._run = runner
         self._open_fat = open_fat
         self._job = threading.Lock()
@@ -260,6 +312,26 @@ class Updater:
             return Path(self.config.proc_path, "sys", "kernel", "random", "boot_id").read_text().strip()
         except OSError:
             return ""
+
+    def _state_in_root(self) -> str | None:
+        """Where the state file is inside a root file system, if it lives on the running root (as installed it
+        does: /var/lib/ab-flasher); None when it is kept elsewhere (a shared partition, a test's directory)."""
+        try:
+            if os.stat(self.config.state_dir).st_dev != os.stat(self.config.root_path).st_dev:
+                return None
+        except OSError:
+            return None
+        return "/" + os.path.relpath(self.config.state_file, self.config.root_path)
+
+    def _device_id(self) -> str:
+        return self._disk()[0].table.ptuuid
+
+    def _other_slot_state(self) -> bytes | None:
+        inside = self._state_in_root()
+        if inside is None:
+            return None
+        layout, _boot, booted = self._disk()
+        return read_file_from_ext(layout.other(booted.name).root_device, inside)
 
     def _disk(self) -> tuple[DiskLayout, PrefixBoot | AutobootBoot, Slot]:
         cfg = self.config
@@ -485,8 +557,16 @@ class Updater:
             source.close()
 
         progress(Progress("configuring", 0, None, result.image_size))
+        installed = {
+            "version": request.version,
+            "sha256": result.sha256,
+            "time": int(time.time()),
+            "result": "installed",
+            "source": prepared.description,
+            "size": result.image_size,
+        }
         try:
-            version = self._fix_up_root(system, target, request)
+            version = self._fix_up_root(system, target, request, installed)
             if cancel.is_set():
                 raise errors.Cancelled("the update was cancelled")
             with tempfile.TemporaryDirectory(prefix="boot-artifact-", dir=self._run_dir()) as tmp:
@@ -501,20 +581,7 @@ class Updater:
             self._record(target.name, "incomplete", result=f"failed: {exc}")
             raise
         with self.state.edit() as state:
-            entry = state["slots"].setdefault(target.name, {})
-            entry["state"] = "trial"
-            entry["installed"] = {
-                "version": version,
-                "sha256": result.sha256,
-                "time": int(time.time()),
-                "result": "installed",
-                "source": prepared.description,
-                "size": result.image_size,
-            }
-            state["trial"] = {"slot": target.name, "armed_boot_id": system.boot_id}
-            state["primary"] = system.primary
-            # The slot we came from runs and is committed: it is what a rollback returns to.
-            state["slots"].setdefault(system.booted.name, {})["state"] = "good"
+            self._mark_armed(state, system, target, installed)
         message = f"version {version} installed in slot {target.name}; reboot into it to try it"
         rebooting = False
         if request.reboot:
@@ -522,6 +589,14 @@ class Updater:
             rebooting = True
             message = f"version {version} installed in slot {target.name}; rebooting into it on trial"
         return UpdateOutcome(target.name, version, result.sha256, rebooting, message)
+
+    @staticmethod
+    def _mark_armed(state: dict[str, Any], system: _System, target: Slot, installed: dict[str, Any]) -> None:
+        state["slots"].setdefault(target.name, {}).update(state="trial", installed=dict(installed))
+        state["trial"] = {"slot": target.name, "armed_boot_id": system.boot_id}
+        state["primary"] = system.primary
+        # The slot we came from runs and is committed: it is what a rollback returns to.
+        state["slots"].setdefault(system.booted.name, {})["state"] = "good"
 
     def _disarm(self, system: _System) -> None:
         """A trial still armed for the slot we are about to overwrite must not boot a half-written slot."""
@@ -603,8 +678,11 @@ class Updater:
             with contextlib.suppress(OSError):
                 mountpoint.rmdir()
 
-    def _fix_up_root(self, system: _System, target: Slot, request: UpdateRequest) -> str:
-        """Point the new root's fstab at its own partitions; check the version and board it carries."""
+    def _fix_up_root(
+        self, system: _System, target: Slot, request: UpdateRequest, installed: dict[str, Any]
+    ) -> str:
+        """Point the new root's fstab at its own partitions; check the version and board it carries; give it the
+        state as it will be once its trial is armed (see StateFile)."""
         with open(target.root_device, "rb") as handle:
             head = handle.read(2048)
         if head[1080:1082] != b"\x53\xef":
@@ -640,6 +718,12 @@ class Updater:
                     os.chmod(tmp, st.st_mode & 0o7777)
                     os.chown(tmp, st.st_uid, st.st_gid)
                 os.replace(tmp, fstab_path)
+            installed["version"] = version
+            inside = self._state_in_root()
+            if inside is not None:
+                carried = self.state.load()
+                self._mark_armed(carried, system, target, installed)
+                _write_atomically(root / inside.lstrip("/"), StateFile.dump(self.state.stamp(carried)))
         return version
 
     def _fstab_for(self, system: _System, target: Slot, image_fstab: str) -> str:

@@ -422,3 +422,56 @@ def test_one_change_at_a_time_across_processes(pi: SimulatedPi, tmp_path: Path) 
         holder.wait(timeout=30)
     pi.updater().mark_good()
     assert pi.slot_for(pi.firmware(tryboot=False)) == "b"
+
+
+@pytest.fixture(params=LAYOUTS)
+def pi_own_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SimulatedPi]:
+    """As installed: each slot keeps ab-flasher's state in its own /var/lib (the slow QEMU tier found that a fresh
+    slot then knew nothing of the trial it was armed for)."""
+    with SimulatedPi(tmp_path, request.param, state_in_root=True) as device:
+        yield device
+
+
+def test_each_slot_keeps_its_own_state_copy_and_the_newest_wins(pi_own_state: SimulatedPi, tmp_path: Path) -> None:
+    pi = pi_own_state
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    carried = pi.slot_file("b", "/var/lib/ab-flasher/state.json")
+    assert carried is not None, "the new root must carry the state that says it is armed"
+    assert b'"trial"' in carried
+
+    assert pi.boot(tryboot=True) == "b"
+    result = pi.updater().boot_check()
+    assert (result.trial, result.committed) == (True, True), result.message
+    assert [(s.name, s.state) for s in pi.updater().status().slots] == [("a", "good"), ("b", "good")]
+
+    # Roll back from B; A's own copy is older than B's, so A must adopt what B recorded (b good, not a failed trial).
+    pi.updater().rollback()
+    assert pi.boot(tryboot=False) == "a"
+    result = pi.updater().boot_check()
+    assert "did not come up" not in result.message
+    status = pi.updater().status()
+    assert (status.booted_slot, status.primary_slot) == ("a", "a")
+    assert [(s.name, s.state) for s in status.slots] == [("a", "good"), ("b", "good")]
+
+
+def test_a_hung_trial_is_recorded_in_the_old_slot(pi_own_state: SimulatedPi, tmp_path: Path) -> None:
+    pi = pi_own_state
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    assert pi.boot(tryboot=True) == "b"  # ...and it hangs before the boot check: the watchdog resets it
+    assert pi.boot(tryboot=False) == "a"
+    result = pi.updater().boot_check()
+    assert "did not come up" in result.message
+    assert [s.state for s in pi.updater().status().slots] == ["good", "bad"]
+
+
+def test_a_state_file_shipped_inside_an_image_is_ignored(pi_own_state: SimulatedPi, tmp_path: Path) -> None:
+    pi = pi_own_state
+    planted = '{"generation": 999, "primary": "b", "slots": {"b": {"state": "good"}}, "format": 1}\n'
+    raw = tmp_path / "planted.img"
+    build_root_image(raw, "1.1.0", size_mb=24, extra_files={"var/lib/ab-flasher/state.json": planted})
+    image = tmp_path / "planted.img.gz"
+    image.write_bytes(gzip.compress(raw.read_bytes(), compresslevel=1))
+    install(pi, image, "1.1.0")
+    status = pi.updater().status()
+    assert status.primary_slot == "a"
+    assert [(s.name, s.state) for s in status.slots] == [("a", "good"), ("b", "trial")]

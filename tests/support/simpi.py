@@ -33,8 +33,11 @@ class SimulatedPi:
         version_a: str = "1.0.0",
         root_mb: int = 32,
         health_ok: bool = True,
+        state_in_root: bool = False,
         config: dict[str, object] | None = None,
     ) -> None:
+        """``state_in_root``: keep ab-flasher's state where an installed system keeps it, in /var/lib of the running
+        root (mounted read-write then), so each slot has its own copy; otherwise one directory outside the disk."""
         self.workdir = workdir
         self.layout = layout
         self.image: PiDisk = build_pi_disk(workdir / "disk.img", layout, version_a=version_a, root_mb=root_mb)
@@ -45,6 +48,7 @@ class SimulatedPi:
         self.health_dir = workdir / "health.d"
         self.health_dir.mkdir()
         self.set_health(health_ok)
+        self.state_in_root = state_in_root
         self.decision: pifirmware.BootDecision | None = None
         self.booted_partition: int | None = None
         self._mounted = False
@@ -56,7 +60,7 @@ class SimulatedPi:
             root_path=str(self.root_mount),
             proc_path=str(self.proc),
             sys_path="/sys",
-            state_dir=str(workdir / "state"),
+            state_dir=str(self.root_mount / "var/lib/ab-flasher" if state_in_root else workdir / "state"),
             run_dir=str(workdir / "run"),
             health_dir=str(self.health_dir),
             health_systemd="off",
@@ -110,7 +114,8 @@ class SimulatedPi:
         partition = self.root_partition_for(decision)
         self.root_mount.mkdir(exist_ok=True)
         subprocess.run(
-            ["mount", "-o", "ro,noload", f"{self.loop.device}p{partition}", str(self.root_mount)],
+            ["mount", "-o", "rw" if self.state_in_root else "ro,noload", f"{self.loop.device}p{partition}",
+             str(self.root_mount)],
             check=True,
             capture_output=True,
             timeout=60,
