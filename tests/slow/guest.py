@@ -1,0 +1,555 @@
+"""The slow tier's machinery: a Debian guest with the `.deb` installed, a prefix-layout Pi disk, and a boot loop
+that asks the firmware model what boots and runs it in QEMU.
+
+x86 has no Pi firmware, so the host plays it between boots (DESIGN §8): before each boot `tests/pifirmware.py`
+decides, from the bytes of the disk image, which prefix folder (kernel, initrd, ``cmdline.txt``) boots; QEMU then
+runs that kernel with that cmdline (``-no-reboot``: a guest reboot ends QEMU, like a reset hands control back to
+the firmware). The one-shot ``reboot '0 tryboot'`` argument is the one thing x86 loses: a unit in the guest copies
+``/run/systemd/reboot-param`` to the data partition at shutdown, and the host consumes it (reads, then deletes it)
+for the next boot only, as the firmware does with its flag.
+
+The guest is driven by ``abtest-driver.service`` (no login): on every boot it waits for
+``ab-flasher-boot-check.service`` to finish, prints ``ABTEST <key> <value>`` lines on the serial console (what
+booted, the boot-check's outcome, ``state.json``), then runs the update named in ``/data/abtest/request`` (which it
+deletes first) with ``abflasherctl update --file ... --reboot``, or powers off.
+
+Everything big is made once and kept under ``tests/slow/.cache/`` (the debootstrap tree, the kernel and initrd);
+the `.deb` is built from the working tree on every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests import pifirmware
+from tests.support.pidisk import (
+    DEFAULT_SIGNATURE,
+    IMAGE_BUILD_SIGNATURE,
+    MIB,
+    PiDisk,
+    build_pi_disk,
+    ext4_read,
+    fat_write,
+    fstab_text,
+    mbr_partuuid,
+    prefix_config_text,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+
+SUITE = "bookworm"
+MIRROR = os.environ.get("ABTEST_MIRROR", "http://deb.debian.org/debian")
+# systemd as init, with what a systemd guest needs (udev, kmod) and what polkitd needs (libpam-systemd); then the
+# .deb's Depends, so installing it needs no network; then a kernel (initramfs-tools makes the initrd).
+GUEST_PACKAGES = (
+    "systemd", "systemd-sysv", "udev", "kmod", "dbus", "polkitd", "libpam-systemd",
+    "adduser", "dosfstools", "e2fsprogs", "fdisk", "mount", "mtools",
+    "python3", "python3-dbus-next", "python3-requests", "python3-tqdm", "python3-zstandard",
+    # python3-zstandard depends on a virtual package (python3-cffi-backend-api-*) that debootstrap cannot resolve.
+    "python3-cffi-backend",
+    "linux-image-amd64",
+)
+# Bump when the recipe of the cached base tree changes: it names the cache directory.
+BASE_RECIPE = "1"
+
+# Kernel modules the guest keeps (the initrd is made before pruning and keeps what it took): file systems, virtio
+# and the libraries they use. The rest (GPU, sound, network cards, ...) is 300 MiB the guest never loads.
+KEPT_MODULE_DIRS = ("kernel/fs", "kernel/lib", "kernel/crypto", "kernel/arch", "kernel/block", "kernel/mm",
+                    "kernel/drivers/virtio", "kernel/drivers/block", "kernel/drivers/char", "kernel/drivers/md")
+
+SIGNATURE = DEFAULT_SIGNATURE
+BOOT_MB = 128
+ROOT_MB = 448
+IMAGE_MB = 416  # the update images are a little smaller than a slot, as a real image may be
+DATA_MB = 384
+
+MARKER = "ABTEST"
+SHARED_STATE_DIR = "/data/ab-flasher-state"
+
+
+class GuestError(RuntimeError):
+    """Building or booting the guest failed; the message says which step and carries the tool's output."""
+
+
+def run(args: list[str], *, timeout: float, env: Mapping[str, str] | None = None,
+        cwd: Path | None = None) -> str:
+    """Run a tool; raise `GuestError` with its output tail when it fails."""
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd,
+                          env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip()[-3000:]
+        raise GuestError(f"{' '.join(args)} failed with exit code {proc.returncode}:\n{tail}")
+    return proc.stdout
+
+
+@dataclass
+class Timings:
+    """Wall time of each phase, for the report (`scripts/test-slow` prints them)."""
+
+    phases: list[tuple[str, float]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases.append((name, time.monotonic() - started))
+
+    def report(self) -> str:
+        return "\n".join(f"  {seconds:7.1f} s  {name}" for name, seconds in self.phases)
+
+
+# --------------------------------------------------------------------------------------------------- base root
+
+
+@dataclass(frozen=True)
+class BaseRoot:
+    """The cached debootstrap tree (no kernel in /boot) and the kernel and initrd taken out of it."""
+
+    tree: Path
+    kernel: Path
+    initrd: Path
+
+
+def _base_dir(cache_dir: Path) -> Path:
+    key = hashlib.sha256(" ".join((BASE_RECIPE, SUITE, *GUEST_PACKAGES, *KEPT_MODULE_DIRS)).encode()).hexdigest()
+    return cache_dir / f"base-{SUITE}-{key[:12]}"
+
+
+def ensure_base_root(cache_dir: Path = CACHE_DIR) -> BaseRoot:
+    """The debootstrapped guest root, made on first use (a few minutes) and then reused from the cache."""
+    base = _base_dir(cache_dir)
+    result = BaseRoot(base / "tree", base / "vmlinuz", base / "initrd.img")
+    if (base / "complete").exists():
+        return result
+    wip = base / "tree.wip"
+    bootstrapped = base / "debootstrap-done"
+    if not bootstrapped.exists():
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(GUEST_PACKAGES)}", SUITE, str(wip),
+             MIRROR], timeout=3600)
+        bootstrapped.touch()
+    kernels = sorted((wip / "boot").glob("vmlinuz-*"))
+    initrds = sorted((wip / "boot").glob("initrd.img-*"))
+    if len(kernels) != 1 or len(initrds) != 1:
+        raise GuestError(f"expected one kernel and one initrd in {wip}/boot, found {kernels} and {initrds}")
+    shutil.copyfile(kernels[0], result.kernel)
+    shutil.copyfile(initrds[0], result.initrd)
+    _slim(wip, kernels[0].name.removeprefix("vmlinuz-"))
+    wip.rename(result.tree)
+    (base / "complete").write_text(f"{SUITE} {' '.join(GUEST_PACKAGES)}\n")
+    return result
+
+
+def _slim(tree: Path, kernel_release: str) -> None:
+    """Drop what the guest never uses, so the slot images (and the writes inside the slow guest) stay small."""
+    for child in (tree / "boot").iterdir():
+        child.unlink()  # the kernel and initrd live in the FAT boot folders, as on a Pi
+    for rel in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man", "usr/share/locale", "var/lib/apt/lists"):
+        shutil.rmtree(tree / rel, ignore_errors=True)
+    (tree / "var/cache/apt/archives/partial").mkdir(parents=True)
+    modules = tree / "usr/lib/modules" / kernel_release
+    kept = {modules / rel for rel in KEPT_MODULE_DIRS}
+    for path in sorted(modules.glob("kernel/**/*"), reverse=True):
+        if path.is_file() and not any(parent in kept for parent in path.parents):
+            path.unlink()
+    run(["chroot", str(tree), "depmod", "-a", kernel_release], timeout=300)
+
+
+# --------------------------------------------------------------------------------------------------- the .deb
+
+
+def build_deb(out_dir: Path) -> Path:
+    """`make deb` of the working tree into ``out_dir``; the path of the package."""
+    run(["make", "-C", str(REPO), "deb", f"BUILD_DIR={out_dir / 'build'}", f"DIST_DIR={out_dir / 'dist'}"],
+        timeout=900)
+    debs = sorted((out_dir / "dist").glob("ab-flasher_*_all.deb"))
+    if len(debs) != 1:
+        raise GuestError(f"make deb left {debs} in {out_dir / 'dist'}, expected one ab-flasher_*_all.deb")
+    return debs[0]
+
+
+# --------------------------------------------------------------------------------------------------- the guest
+
+
+_DRIVER = r"""#!/bin/sh
+# abtest driver: report this boot on the serial console, then run the requested update or power off.
+say() { echo "ABTEST $*"; }
+one_line() { tr '\n' ' '; }
+
+deadline=$(( $(date +%s) + 900 ))
+while :; do
+    case "$(systemctl show -p ActiveState --value ab-flasher-boot-check.service)" in
+        activating|active|reloading|deactivating) ;;
+        *) break ;;
+    esac
+    if [ "$(date +%s)" -ge "$deadline" ]; then say "boot-check-timeout"; break; fi
+    sleep 1
+done
+say "version $(cat /.ab_version)"
+say "cmdline $(cat /proc/cmdline)"
+unit=ab-flasher-boot-check.service
+say "boot-check-result $(systemctl show -p Result --value $unit) exit=$(systemctl show -p ExecMainStatus --value $unit)"
+journalctl -b -o cat -u ab-flasher-boot-check.service | sed 's/^/ABTEST boot-check-log /'
+say "system $(systemctl is-system-running)"
+systemctl --failed --plain --no-legend | sed 's/^/ABTEST failed-unit /'
+state_dir=$(sed -n 's/^state_dir *= *//p' /etc/ab-flasher/ab-flasher.conf | tail -n 1)
+say "state $(cat "${state_dir:-/var/lib/ab-flasher}/state.json" 2>/dev/null | one_line)"
+say "status $(ab-flasher status --json 2>&1 | one_line)"
+if [ -f /data/abtest/request ]; then
+    read -r image sha256 < /data/abtest/request
+    rm -f /data/abtest/request
+    sync
+    say "update-start $image"
+    abflasherctl update --file "$image" --sha256 "$sha256" --reboot --no-ask-password 2>&1 \
+        | tr '\r' '\n' | tail -n 5 | sed 's/^/ABTEST update-log /'
+    status=$(abflasherctl status --json 2>&1 | one_line)
+    say "ctl-status $status"
+    # On success the service is rebooting the guest into the trial, which ends this script: until then, wait.
+    sleep 300
+    say "update-did-not-reboot"
+fi
+say "poweroff"
+systemctl poweroff
+"""
+
+_DRIVER_UNIT = """[Unit]
+Description=abtest: report this boot on the console, then run the requested update or power off
+After=multi-user.target ab-flasher-boot-check.service
+
+[Service]
+# Not a oneshot: `is-system-running --wait` in the boot-check must see the boot finish without waiting for us.
+Type=exec
+ExecStart=/usr/local/sbin/abtest-driver
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+_REBOOT_PARAM = """#!/bin/sh
+# At shutdown: hand `systemctl reboot ARG`'s argument to the host, which plays the Pi firmware's one-shot flag.
+mkdir -p /data/abtest
+if [ -f /run/systemd/reboot-param ]; then
+    cp /run/systemd/reboot-param /data/abtest/reboot-param
+else
+    rm -f /data/abtest/reboot-param
+fi
+sync
+"""
+
+_REBOOT_PARAM_UNIT = """[Unit]
+Description=abtest: hand the reboot argument (tryboot) to the host at shutdown
+RequiresMountsFor=/data
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/true
+ExecStop=/usr/local/sbin/abtest-reboot-param
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# The boot-check's verdict also goes to the serial console: a failed trial reboots before the driver can report.
+_BOOT_CHECK_CONSOLE = """[Service]
+StandardOutput=journal+console
+StandardError=journal+console
+"""
+
+FAILING_HEALTH_CHECK = "#!/bin/sh\necho 'abtest: this image is bad on purpose' >&2\nexit 1\n"
+
+
+def make_guest_tree(base: BaseRoot, deb: Path, dest: Path, *, state_dir: str | None = None) -> Path:
+    """A copy of the base tree with the package installed (as `apt install ./deb` would, offline) and the driver.
+
+    The package's configuration is used as shipped, except that ``state_dir`` (when given) moves the state out of
+    the root file system, with a drop-in that lets the sandboxed service write there (a diagnostic mode: see
+    docs/slow-tier.md).
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    run(["cp", "-a", str(base.tree), str(dest)], timeout=600)
+    shutil.copyfile(deb, dest / "tmp" / deb.name)
+    # Every Depends is in the base tree already (GUEST_PACKAGES), so dpkg alone installs it; a new Depends shows
+    # up here as a dpkg dependency error naming the package to add to GUEST_PACKAGES.
+    run(["chroot", str(dest), "dpkg", "-i", f"/tmp/{deb.name}"], timeout=600,
+        env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    (dest / "tmp" / deb.name).unlink()
+    files = {
+        "usr/local/sbin/abtest-driver": (_DRIVER, 0o755),
+        "usr/local/sbin/abtest-reboot-param": (_REBOOT_PARAM, 0o755),
+        "etc/systemd/system/abtest-driver.service": (_DRIVER_UNIT, 0o644),
+        "etc/systemd/system/abtest-reboot-param.service": (_REBOOT_PARAM_UNIT, 0o644),
+        "etc/hostname": ("abtest\n", 0o644),
+        "etc/systemd/system/ab-flasher-boot-check.service.d/abtest-console.conf": (_BOOT_CHECK_CONSOLE, 0o644),
+    }
+    if state_dir is not None:
+        conf = dest / "etc/ab-flasher/ab-flasher.conf"
+        conf.write_text(conf.read_text() + f"\n# abtest: state shared by both slots\nstate_dir = {state_dir}\n")
+        files["etc/systemd/system/ab-flasher.service.d/abtest-state.conf"] = (
+            f"[Service]\nReadWritePaths=-{state_dir}\n", 0o644)
+    for rel, (text, mode) in files.items():
+        path = dest / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(mode)
+    wants = dest / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    for unit in ("abtest-driver.service", "abtest-reboot-param.service"):
+        link = wants / unit
+        if not link.is_symlink():
+            link.symlink_to(f"/etc/systemd/system/{unit}")
+    for mount_point in ("boot/firmware", "data"):
+        (dest / mount_point).mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+@contextlib.contextmanager
+def root_variant(tree: Path, version: str, *, fstab: str, health_checks: Mapping[str, str] | None = None
+                 ) -> Iterator[Path]:
+    """``tree`` as the root of ``version`` (``/.ab_version``, fstab, extra health checks), undone afterwards."""
+    health_dir = tree / "etc/ab-flasher/health.d"
+    added: list[Path] = []
+    (tree / ".ab_version").write_text(version + "\n")
+    (tree / "etc/fstab").write_text(fstab)
+    try:
+        for name, text in (health_checks or {}).items():
+            health_dir.mkdir(parents=True, exist_ok=True)
+            path = health_dir / name
+            path.write_text(text)
+            path.chmod(0o755)
+            added.append(path)
+        yield tree
+    finally:
+        for path in added:
+            path.unlink()
+
+
+@dataclass(frozen=True)
+class UpdateImage:
+    """An update image on the data partition: its path in the guest, its sha256, what it carries."""
+
+    guest_path: str
+    sha256: str
+    version: str
+
+
+def make_update_image(tree: Path, dest: Path, version: str, *, health_checks: Mapping[str, str] | None = None
+                      ) -> str:
+    """Write ``dest`` (gzip'd ext4 root of ``version``, built on another machine's disk id); its sha256."""
+    raw = dest.with_suffix("")
+    with raw.open("wb") as handle:
+        handle.truncate(IMAGE_MB * MIB)
+    with root_variant(tree, version, fstab=fstab_text(IMAGE_BUILD_SIGNATURE, root=2, boot=1, data=4),
+                      health_checks=health_checks):
+        _make_ext4(raw, 0, IMAGE_MB * MIB, tree, label="rootfs", uuid="deadbeef-0000-4000-8000-000000000001")
+    digest = hashlib.sha256()
+    with raw.open("rb") as source, gzip.open(dest, "wb", compresslevel=1) as sink:
+        while chunk := source.read(4 * MIB):
+            sink.write(chunk)
+            digest.update(chunk)
+    raw.unlink()
+    return digest.hexdigest()
+
+
+def _make_ext4(img: Path, offset: int, size_bytes: int, source: Path, *, label: str, uuid: str) -> None:
+    # pidisk's make_ext4 gives mkfs a minute, which is plenty for its toy trees; a Debian root needs longer.
+    run(["mkfs.ext4", "-q", "-F", "-L", label, "-U", uuid, "-d", str(source), "-E", f"offset={offset}",
+         str(img), f"{size_bytes // 1024}k"], timeout=900)
+
+
+def guest_cmdline(root_partition: int) -> str:
+    return (f"console=ttyS0,115200 root=PARTUUID={mbr_partuuid(SIGNATURE, root_partition)} rootfstype=ext4 "
+            "rootwait panic=5 systemd.show_status=1\n")
+
+
+def build_e2e_disk(path: Path, tree: Path, base: BaseRoot, images: Mapping[str, Path],
+                   request: UpdateImage | None) -> PiDisk:
+    """A prefix-layout disk: p1 FAT with ``a/`` (kernel8.img = the x86 kernel, initrd.img, cmdline.txt), p2 root
+    A = ``tree`` at 1.0.0, p3 empty, p4 data holding ``images`` under ``/`` and the driver's request."""
+    disk = build_pi_disk(path, "prefix", version_a=None, version_b=None, boot_mb=BOOT_MB, root_mb=ROOT_MB,
+                         size_mb=1 + BOOT_MB + 2 * ROOT_MB + DATA_MB, slot_b_boot_files=False,
+                         signature=SIGNATURE)
+    boot = disk.by_role("boot")
+    # build_pi_disk left fake Pi kernels in a/: the firmware model boots whatever a/kernel8.img is, here the x86 one.
+    fat_write(path, boot.offset, "a/kernel8.img", base.kernel.read_bytes())
+    fat_write(path, boot.offset, "a/initrd.img", base.initrd.read_bytes())
+    fat_write(path, boot.offset, "a/cmdline.txt", guest_cmdline(disk.root("a").number))
+    fat_write(path, boot.offset, "config.txt", prefix_config_text("a") + "initramfs initrd.img followkernel\n")
+    root_a = disk.root("a")
+    fstab = fstab_text(SIGNATURE, root=root_a.number, boot=boot.number, data=disk.by_role("data").number)
+    with root_variant(tree, "1.0.0", fstab=fstab):
+        _make_ext4(path, root_a.offset, root_a.size_bytes, tree, label="roota",
+                   uuid=f"{SIGNATURE:08x}-0000-4000-8000-000000000001")
+    data = disk.by_role("data")
+    with tempfile.TemporaryDirectory(prefix="abtest-data-") as tmp:
+        data_tree = Path(tmp)
+        (data_tree / "abtest").mkdir()
+        # Where the diagnostic mode of make_guest_tree keeps the state: the service may only write what exists.
+        (data_tree / SHARED_STATE_DIR.removeprefix("/data/")).mkdir()
+        for name, image in images.items():
+            # mkfs.ext4 -d copies the files anyway: a hard link saves copying a few hundred MiB first.
+            try:
+                os.link(image, data_tree / name)
+            except OSError:
+                shutil.copyfile(image, data_tree / name)
+        if request is not None:
+            (data_tree / "abtest" / "request").write_text(f"{request.guest_path} {request.sha256}\n")
+        _make_ext4(path, data.offset, data.size_bytes, data_tree, label="data",
+                   uuid=f"{SIGNATURE:08x}-0000-4000-8000-{0xDA7A:012x}")
+    return disk
+
+
+# --------------------------------------------------------------------------------------------------- booting
+
+
+@dataclass(frozen=True)
+class GuestBoot:
+    """One boot: what the firmware model chose, what the guest printed, how it ended and how long it took."""
+
+    number: int
+    decision: pifirmware.BootDecision
+    root_partition: int
+    console: str
+    ended: str  # "poweroff", "reboot", "panic" or "timeout"
+    seconds: float
+
+    def values(self, key: str) -> list[str]:
+        """Every ``ABTEST <key> <value>`` the guest printed, in order."""
+        # The console prefixes the journal's lines ("[ 24.1] abtest-driver[341]: "), a login prompt may precede one.
+        pattern = re.compile(rf"(?:^|\s){MARKER} {re.escape(key)}(?: (.*))?$")
+        found = []
+        for line in self.console.splitlines():
+            match = pattern.search(line.rstrip("\r"))
+            if match:
+                found.append(match.group(1) or "")
+        return found
+
+    def value(self, key: str) -> str:
+        found = self.values(key)
+        if not found:
+            raise AssertionError(f"boot {self.number} printed no '{MARKER} {key}' line; console tail:\n"
+                                 + self.tail())
+        return found[-1]
+
+    def boot_check_verdict(self) -> list[str]:
+        """What ``ab-flasher boot-check`` said, from the console (its drop-in sends its output there)."""
+        pattern = re.compile(r"\bab-flasher\[\d+\]: (.*)$")
+        return [match.group(1) for line in self.console.splitlines() if (match := pattern.search(line.rstrip("\r")))]
+
+    def state(self) -> dict[str, object]:
+        loaded: dict[str, object] = json.loads(self.value("state") or "{}")
+        return loaded
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.console.splitlines()[-lines:])
+
+
+class QemuPi:
+    """A Pi with ``disk``: the firmware model decides each boot, QEMU (TCG) runs it.
+
+    The pending reboot argument is read from the data partition after each boot and consumed by the next one.
+    """
+
+    def __init__(self, disk: PiDisk, workdir: Path, *, boot_timeout: float = 900.0,
+                 timings: Timings | None = None) -> None:
+        self.disk = disk
+        self.workdir = workdir
+        self.boot_timeout = boot_timeout
+        self.timings = timings or Timings()
+        self.boots: list[GuestBoot] = []
+
+    def _pending_reboot_argument(self) -> str:
+        data = self.disk.by_role("data")
+        try:
+            argument = ext4_read(self.disk.path, "/abtest/reboot-param", offset=data.offset).decode().strip()
+        except FileNotFoundError:
+            return ""
+        # One-shot, as the firmware clears its flag when it reads it.
+        run(["debugfs", "-w", "-R", "rm /abtest/reboot-param", f"{self.disk.path}?offset={data.offset}"],
+            timeout=60)
+        return argument
+
+    def decide(self, *, tryboot: bool = False, reboot_arg: int = 0) -> pifirmware.BootDecision:
+        return pifirmware.decide_boot(self.disk.path, tryboot=tryboot, reboot_arg=reboot_arg)
+
+    def boot(self) -> GuestBoot:
+        partition_arg, tryboot = pifirmware.parse_reboot_argument(self._pending_reboot_argument())
+        decision = self.decide(tryboot=tryboot, reboot_arg=partition_arg)
+        root_partition = pifirmware.booted_root_partition(decision, pifirmware.read_mbr_table(self.disk.path))
+        number = len(self.boots) + 1
+        boot_dir = self.workdir / f"boot{number}"
+        boot_dir.mkdir()
+        kernel = boot_dir / "kernel"
+        initrd = boot_dir / "initrd"
+        disk = pifirmware.ImageDisk(self.disk.path)
+        kernel_bytes = disk.read_file(decision.partition, decision.kernel)
+        initrd_bytes = disk.read_file(decision.partition, decision.os_prefix + "initrd.img")
+        if kernel_bytes is None or initrd_bytes is None:
+            raise GuestError(f"boot {number}: {decision.kernel} or {decision.os_prefix}initrd.img is missing on "
+                             f"partition {decision.partition}")
+        kernel.write_bytes(kernel_bytes)
+        initrd.write_bytes(initrd_bytes)
+        console_path = boot_dir / "console.log"
+        accel = os.environ.get("ABTEST_QEMU_ACCEL", "tcg")
+        args = [
+            "qemu-system-x86_64", "-M", "q35", "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
+            "-smp", "2", "-m", "1024", "-nodefaults", "-display", "none", "-no-reboot",
+            "-serial", f"file:{console_path}", "-monitor", "none", "-nic", "none",
+            "-device", "virtio-rng-pci",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", decision.cmdline,
+            "-drive", f"file={self.disk.path},format=raw,if=virtio,cache=unsafe",
+        ]
+        label = (f"boot {number}: partition {decision.partition} {decision.kernel} root={decision.root}"
+                 f"{' (tryboot)' if tryboot else ''}")
+        started = time.monotonic()
+        with self.timings.phase(label):
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            try:
+                qemu_output, _ = proc.communicate(timeout=self.boot_timeout)
+                ended = ""
+            except subprocess.TimeoutExpired:
+                proc.kill()  # the watchdog: a hung guest is reset, and the firmware decides again
+                qemu_output, _ = proc.communicate(timeout=60)
+                ended = "timeout"
+        console = console_path.read_text(errors="replace") if console_path.exists() else ""
+        if not ended:
+            if proc.returncode != 0:
+                raise GuestError(f"boot {number}: qemu exited {proc.returncode}: {qemu_output.decode()[-2000:]}")
+            if "Kernel panic" in console:
+                ended = "panic"
+            elif "reboot: Power down" in console:
+                ended = "poweroff"
+            else:
+                ended = "reboot"
+        result = GuestBoot(number, decision, root_partition, console, ended, time.monotonic() - started)
+        self.boots.append(result)
+        return result
+
+    def read_root_file(self, slot: str, path: str) -> bytes:
+        """A file of a slot's root file system, read from the disk image while the guest is off."""
+        return ext4_read(self.disk.path, path, offset=self.disk.root(slot).offset)  # type: ignore[arg-type]
+
+    def slot_state(self, slot: str) -> dict[str, object]:
+        """``/var/lib/ab-flasher/state.json`` as the slot's root file system holds it."""
+        loaded: dict[str, object] = json.loads(self.read_root_file(slot, "/var/lib/ab-flasher/state.json"))
+        return loaded

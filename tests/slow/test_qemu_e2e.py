@@ -1,0 +1,191 @@
+"""End-to-end (DESIGN §9, slow tier): the `.deb` installed in a Debian guest booted by QEMU, with the firmware model
+choosing what boots between boots. Run with `scripts/test-slow` (or `pytest --slow tests/slow` as root).
+
+1. A good update: slot A (1.0.0) installs 1.1.0 into B through ab-flasherd (`abflasherctl update --file --reboot`),
+   reboots with `0 tryboot`; the firmware boots B once on trial; ab-flasher-boot-check commits it; the next normal
+   boot is B.
+2. A bad update: the same with an image whose health check fails; the boot-check rejects it and reboots; the
+   firmware boots A again, which records B as bad.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.slow.guest import (
+    CACHE_DIR,
+    FAILING_HEALTH_CHECK,
+    SHARED_STATE_DIR,
+    BaseRoot,
+    GuestBoot,
+    QemuPi,
+    Timings,
+    UpdateImage,
+    build_deb,
+    build_e2e_disk,
+    ensure_base_root,
+    make_guest_tree,
+    make_update_image,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+TEST_TIMEOUT = 1800
+LOG_DIR = CACHE_DIR / "logs"
+TIMINGS_FILE = CACHE_DIR / "timings.txt"
+# Diagnostic mode (docs/slow-tier.md): ABTEST_SHARED_STATE=1 keeps ab-flasher's state on the data partition, shared by
+# both slots, instead of the shipped /var/lib/ab-flasher inside each root.
+SHARED_STATE = os.environ.get("ABTEST_SHARED_STATE", "") == "1"
+
+
+@dataclass(frozen=True)
+class GuestBuild:
+    base: BaseRoot
+    tree: Path
+    good: UpdateImage
+    bad: UpdateImage
+    images: dict[str, Path]
+    timings: Timings
+
+
+@pytest.fixture(scope="module")
+def guest_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestBuild]:
+    work = tmp_path_factory.mktemp("guest")
+    timings = Timings()
+    with timings.phase("base root (debootstrap, or the cache)"):
+        base = ensure_base_root()
+    with timings.phase("make deb"):
+        deb = build_deb(work / "deb")
+    with timings.phase("guest tree (copy of the base + dpkg -i)"):
+        tree = make_guest_tree(base, deb, work / "tree", state_dir=SHARED_STATE_DIR if SHARED_STATE else None)
+    with timings.phase("update images (mkfs.ext4 -d + gzip -1, two)"):
+        good_sha = make_update_image(tree, work / "root-1.1.0.img.gz", "1.1.0")
+        bad_sha = make_update_image(tree, work / "root-1.1.0-bad.img.gz", "1.1.0",
+                                    health_checks={"50-abtest-fail": FAILING_HEALTH_CHECK})
+    build = GuestBuild(
+        base=base,
+        tree=tree,
+        good=UpdateImage("/data/root-1.1.0.img.gz", good_sha, "1.1.0"),
+        bad=UpdateImage("/data/root-1.1.0-bad.img.gz", bad_sha, "1.1.0"),
+        images={"root-1.1.0.img.gz": work / "root-1.1.0.img.gz",
+                "root-1.1.0-bad.img.gz": work / "root-1.1.0-bad.img.gz"},
+        timings=timings,
+    )
+    yield build
+    TIMINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    TIMINGS_FILE.write_text(timings.report() + "\n")
+    shutil.rmtree(work)  # the guest tree and images: a few hundred MiB per run
+
+
+MakePi = Callable[[UpdateImage], QemuPi]
+
+
+@pytest.fixture
+def make_pi(guest_build: GuestBuild, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MakePi]:
+    """A Pi whose disk holds root A (1.0.0), both update images, and a request for ``update``."""
+    made: list[QemuPi] = []
+
+    def make(update: UpdateImage) -> QemuPi:
+        with guest_build.timings.phase(f"{request.node.name}: disk image"):
+            disk = build_e2e_disk(tmp_path / "disk.img", guest_build.tree, guest_build.base, guest_build.images,
+                                  update)
+        boots = tmp_path / "boots"
+        boots.mkdir()
+        pi = QemuPi(disk, boots, timings=guest_build.timings)
+        made.append(pi)
+        return pi
+
+    yield make
+    # The serial consoles outlive tmp_path's cleanup: they are what to read when a boot misbehaves.
+    for pi in made:
+        logs = LOG_DIR / request.node.name
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir(parents=True)
+        for boot in pi.boots:
+            (logs / f"boot{boot.number}.log").write_text(boot.console)
+    for pi in made:
+        pi.disk.path.unlink(missing_ok=True)
+        shutil.rmtree(pi.workdir, ignore_errors=True)  # each boot's kernel and initrd, copied out of the FAT
+
+
+def _describe(boot: GuestBoot) -> str:
+    return (f"boot {boot.number} (partition {boot.decision.partition}, {boot.decision.kernel}, root partition "
+            f"{boot.root_partition}, ended by {boot.ended}); console tail:\n{boot.tail()}")
+
+
+def _boot_update_from_a(pi: QemuPi, update: UpdateImage) -> GuestBoot:
+    first = pi.boot()
+    assert first.root_partition == 2, _describe(first)
+    assert first.value("version") == "1.0.0", _describe(first)
+    assert first.value("update-start") == update.guest_path, _describe(first)
+    assert first.ended == "reboot", _describe(first)
+    assert not first.values("update-did-not-reboot"), _describe(first)
+    return first
+
+
+def _slot_states(state: dict[str, object]) -> dict[str, object]:
+    slots = state.get("slots")
+    assert isinstance(slots, dict), state
+    return {name: entry.get("state") for name, entry in slots.items() if isinstance(entry, dict)}
+
+
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_good_update_is_tried_once_then_committed(make_pi: MakePi, guest_build: GuestBuild) -> None:
+    pi = make_pi(guest_build.good)
+    _boot_update_from_a(pi, guest_build.good)
+
+    trial = pi.boot()
+    assert trial.decision.tryboot, "the update's `reboot '0 tryboot'` did not reach the firmware model"
+    assert trial.decision.os_prefix == "b/", _describe(trial)
+    assert trial.root_partition == 3, _describe(trial)
+    verdict = trial.boot_check_verdict()
+    assert any(line.endswith(" committed") or " committed:" in line for line in verdict), \
+        f"the boot-check did not commit the trial of slot b: {verdict}\n{_describe(trial)}"
+    assert trial.value("version") == "1.1.0", _describe(trial)
+    assert trial.ended == "poweroff", _describe(trial)
+    state_b = trial.state()
+    assert _slot_states(state_b).get("b") == "good", state_b
+    assert "trial" not in state_b, state_b
+
+    # Committed: the firmware boots B without the one-shot flag from now on.
+    assert pi.decide(tryboot=False).os_prefix == "b/"
+
+    after = pi.boot()
+    assert not after.decision.tryboot
+    assert after.root_partition == 3, _describe(after)
+    assert after.value("version") == "1.1.0", _describe(after)
+    assert after.ended == "poweroff", _describe(after)
+    assert _slot_states(after.state()).get("b") == "good", _describe(after)
+
+
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_bad_update_falls_back_to_the_old_slot(make_pi: MakePi, guest_build: GuestBuild) -> None:
+    pi = make_pi(guest_build.bad)
+    _boot_update_from_a(pi, guest_build.bad)
+
+    trial = pi.boot()
+    assert trial.decision.tryboot, "the update's `reboot '0 tryboot'` did not reach the firmware model"
+    assert trial.root_partition == 3, _describe(trial)
+    assert trial.ended == "reboot", _describe(trial)
+    # Rejected for the right reason: its own health check, not something else that stops every trial.
+    verdict = trial.boot_check_verdict()
+    assert any("failed its health checks" in line and "50-abtest-fail" in line for line in verdict), \
+        f"the boot-check rejected the trial for another reason than its failing health check: {verdict}"
+
+    # Never committed: without the flag the firmware boots A.
+    assert pi.decide(tryboot=False).os_prefix == "a/"
+    back = pi.boot()
+    assert not back.decision.tryboot
+    assert back.root_partition == 2, _describe(back)
+    assert back.value("version") == "1.0.0", _describe(back)
+    assert back.ended == "poweroff", _describe(back)
+    state_a = back.state()
+    assert _slot_states(state_a).get("b") == "bad", state_a
+    assert _slot_states(state_a).get("a") == "good", state_a
+    assert "trial" not in state_a, state_a
