@@ -477,11 +477,10 @@ class ClientVenv:
         return self.root / "bin" / "ab-flasherd"
 
 
-def run_as(
-    user: str, argv: Sequence[str | os.PathLike[str]], *, bus: DBusDaemon, timeout: float = 60.0,
-    input_bytes: bytes | None = None, extra_env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``argv`` as ``user`` (runuser) with a clean environment pointing at the private system bus."""
+def _as_user(
+    user: str, argv: Sequence[str | os.PathLike[str]], bus: DBusDaemon, extra_env: dict[str, str] | None
+) -> list[str]:
+    """``argv`` as ``user`` (runuser) with a clean environment pointing at the private system bus."""
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/tmp",
@@ -489,23 +488,23 @@ def run_as(
         "DBUS_SYSTEM_BUS_ADDRESS": bus.address,
         **(extra_env or {}),
     }
-    cmd = ["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *map(str, argv)]
-    return subprocess.run(cmd, input=input_bytes, capture_output=True, timeout=timeout, check=False)
+    return ["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *map(str, argv)]
+
+
+def run_as(
+    user: str, argv: Sequence[str | os.PathLike[str]], *, bus: DBusDaemon, timeout: float = 60.0,
+    input_bytes: bytes | None = None, extra_env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        _as_user(user, argv, bus, extra_env), input=input_bytes, capture_output=True, timeout=timeout, check=False
+    )
 
 
 def popen_as(
     user: str, argv: Sequence[str | os.PathLike[str]], *, bus: DBusDaemon, extra_env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> subprocess.Popen[bytes]:
-    env = {
-        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/tmp",
-        "LANG": "C.UTF-8",
-        "DBUS_SYSTEM_BUS_ADDRESS": bus.address,
-        **(extra_env or {}),
-    }
-    cmd = ["runuser", "-u", user, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *map(str, argv)]
-    return subprocess.Popen(cmd, **kwargs)
+    return subprocess.Popen(_as_user(user, argv, bus, extra_env), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
