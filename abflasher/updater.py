@@ -30,8 +30,9 @@ from typing import Any
 
 from abflasher import errors
 from abflasher.boot import bootfiles
+from abflasher.boot.base import Bootloader
 from abflasher.boot.fat import FatVolume
-from abflasher.boot.raspberrypi import AutobootBoot, PrefixBoot, bootloader_for
+from abflasher.boot.raspberrypi import bootloader_for
 from abflasher.config import Config
 from abflasher.disk.slots import (
     COMPATIBLE_FILE,
@@ -219,7 +220,7 @@ class StateFile:
             self.save(data)
 
 
-def _write_atomically(path: Path, text: str, *, mode: int = 0o644) -> None:
+def _write_atomically(path: Path, text: str, *, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -227,6 +228,8 @@ def _write_atomically(path: Path, text: str, *, mode: int = 0o644) -> None:
             handle.write(text)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
+            if owner is not None:
+                os.fchown(handle.fileno(), *owner)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -245,7 +248,7 @@ class _System:
     """One look at the device: what the disk, the firmware files and the running kernel say."""
 
     layout: DiskLayout
-    boot: PrefixBoot | AutobootBoot
+    boot: Bootloader
     booted: Slot
     primary: str
     tryboot_flag: bool | None
@@ -333,7 +336,7 @@ class Updater:
         layout, _boot, booted = self._disk()
         return read_file_from_ext(layout.other(booted.name).root_device, inside)
 
-    def _disk(self) -> tuple[DiskLayout, PrefixBoot | AutobootBoot, Slot]:
+    def _disk(self) -> tuple[DiskLayout, Bootloader, Slot]:
         cfg = self.config
         booted_root = find_booted_root(
             root_path=cfg.root_path, proc_path=cfg.proc_path, sys_path=cfg.sys_path, dev_path=cfg.dev_path
@@ -514,7 +517,7 @@ class Updater:
             raise errors.Cancelled("the update was cancelled")
 
         # From here on the target is not trusted until every step passed.
-        self._disarm(system)
+        system.boot.disarm()
         self._record(
             target.name,
             "incomplete",
@@ -597,14 +600,6 @@ class Updater:
         state["primary"] = system.primary
         # The slot we came from runs and is committed: it is what a rollback returns to.
         state["slots"].setdefault(system.booted.name, {})["state"] = "good"
-
-    def _disarm(self, system: _System) -> None:
-        """A trial still armed for the slot we are about to overwrite must not boot a half-written slot."""
-        if system.boot.trial_slot() not in (None, system.primary):
-            if isinstance(system.boot, PrefixBoot):
-                system.boot.set_trial(system.primary)
-            else:
-                system.boot.commit(system.primary)
 
     def _run_dir(self) -> Path:
         run_dir = Path(self.config.run_dir)
@@ -708,16 +703,13 @@ class Updater:
             fstab = fstab_path.read_text() if fstab_path.is_file() else ""
             new_fstab = self._fstab_for(system, target, fstab)
             if new_fstab != fstab:
-                fstab_path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = fstab_path.with_name(".fstab.ab-flasher")
-                tmp.write_text(new_fstab)
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                if fstab_path.exists():
-                    st = fstab_path.stat()
-                    os.chmod(tmp, st.st_mode & 0o7777)
-                    os.chown(tmp, st.st_uid, st.st_gid)
-                os.replace(tmp, fstab_path)
+                st = fstab_path.stat() if fstab_path.exists() else None
+                _write_atomically(
+                    fstab_path,
+                    new_fstab,
+                    mode=st.st_mode & 0o7777 if st else 0o644,
+                    owner=(st.st_uid, st.st_gid) if st else None,
+                )
             installed["version"] = version
             inside = self._state_in_root()
             if inside is not None:

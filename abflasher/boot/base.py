@@ -27,6 +27,10 @@ class Bootloader(Protocol):
         """Make ``slot`` the primary."""
         ...
 
+    def disarm(self) -> None:
+        """Point a pending trial back at the primary, so a tryboot cannot start a slot about to be overwritten."""
+        ...
+
     def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
         """Give ``target`` its boot files (from ``artifact`` or copied from ``running``) pointing at its own root."""
         ...

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from abflasher import errors
 from abflasher.boot import bootfiles
+from abflasher.boot.base import Bootloader
 from abflasher.boot.fat import FatVolume, open_volume
 from abflasher.disk.slots import DiskLayout, Slot
 
@@ -127,6 +128,10 @@ class PrefixBoot(_PiBoot):
         text = bootfiles.set_config_os_prefix(self._config(), self._prefix(slot))
         self.firmware.write_atomic(TRYBOOT_TXT, text.encode())
 
+    def disarm(self) -> None:
+        if self.trial_slot() not in (None, self.primary()):
+            self.set_trial(self.primary())
+
     def commit(self, slot: str) -> None:
         text = bootfiles.set_config_os_prefix(self._config(), self._prefix(slot))
         self.firmware.write_atomic(CONFIG_TXT, text.encode())
@@ -207,6 +212,11 @@ class AutobootBoot(_PiBoot):
     def commit(self, slot: str) -> None:
         self._write(slot, self.layout.other(slot).name)
 
+    def disarm(self) -> None:
+        # set_trial refuses the primary itself; rewriting the canonical file keeps [tryboot] on the other slot.
+        if self.trial_slot() not in (None, self.primary()):
+            self.commit(self.primary())
+
     def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
         device = self.layout.node(self._boot_partition(target.name))
         if artifact is not None:
@@ -256,7 +266,7 @@ def _make_fat(device: str, *, label: str) -> None:
         raise errors.DeviceError(f"mkfs.vfat {device} failed: {done.stderr.strip() or done.stdout.strip()}")
 
 
-def bootloader_for(layout: DiskLayout, open_fat: VolumeOpener | None = None) -> PrefixBoot | AutobootBoot:
+def bootloader_for(layout: DiskLayout, open_fat: VolumeOpener | None = None) -> Bootloader:
     if layout.kind == "autoboot":
         return AutobootBoot(layout, open_fat)
     return PrefixBoot(layout, open_fat)
