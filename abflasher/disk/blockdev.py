@@ -190,12 +190,6 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def drop_cache(fd: int, offset: int, length: int) -> None:
-    """Make the next read of this range come from the device, not from pages the write left in memory."""
-    os.fsync(fd)
-    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
 def _pread_full(fd: int, buf: mmap.mmap, length: int, offset: int) -> int:
     view = memoryview(buf)
     got = 0

@@ -45,10 +45,6 @@ class Slot:
     #: PARTUUID of the FAT that holds this slot's boot files (what its /etc/fstab mounts at /boot/firmware).
     boot_partuuid: str
 
-    @property
-    def boot_device_number(self) -> int:
-        return self.boot_partition if self.boot_partition is not None else 1
-
 
 @dataclass(frozen=True)
 class DiskLayout:

@@ -12,7 +12,6 @@ import hashlib
 import os
 import subprocess
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 from abflasher.config import Config
@@ -193,7 +192,3 @@ class SimulatedPi:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def run_quietly(cmd: Sequence[str]) -> None:
-    subprocess.run(list(cmd), check=True, capture_output=True, timeout=120)
