@@ -209,11 +209,12 @@ def _pread_full(fd: int, buf: mmap.mmap, length: int, offset: int) -> int:
 class ReadbackVerifier:
     """Reads the target back while the install is still writing it, and proves it holds the decoded image.
 
-    The writer reports the flushed end (``durable``) after every sync; a thread reads up to it with O_DIRECT and
-    hashes, so by the time the last block is written most of the verify is done. The image's first block reaches the
-    device last (it is what makes the target look valid), so the hash starts from the in-memory copy of it and the
-    device's copy is compared byte for byte at the end: sha256(first block in memory + rest from the device) equal
-    to the stream's sha256, and the device's first block equal to the one in memory, is the device equal to the image.
+    The writer reports how far the device holds the image (``durable``): after each direct write, or after a flush of
+    writes that went through the page cache. A thread reads up to there with O_DIRECT and hashes, so by the time the
+    last block is written most of the verify is done. The image's first block reaches the device last (it is what
+    makes the target look valid), so the hash starts from the in-memory copy of it and the device's copy is compared
+    byte for byte at the end: sha256(first block in memory + rest from the device) equal to the stream's sha256, and
+    the device's first block equal to the one in memory, is the device equal to the image.
     """
 
     def __init__(self, path: str, *, cancel: threading.Event | None = None) -> None:

@@ -35,8 +35,11 @@ from abflasher.image.sources import ImageSource
 BUFFER_SIZE = 1 << 20
 BUFFER_COUNT = 8
 READ_CHUNK = 256 << 10
-#: How often written data is flushed, and so how far the overlapped read-back verify may trail the writes.
+#: How often data written through the page cache is flushed, and so how far the overlapped read-back verify may trail
+#: such writes. Direct writes are on the device when they return: the verify follows them without any flush.
 SYNC_INTERVAL = 64 << 20
+#: How often the device's write cache is flushed while writing directly (the final flush comes on top).
+DIRECT_SYNC_SECONDS = 5.0
 #: Up to this many consecutive buffers go to the device in one pwritev.
 WRITE_BATCH = 8
 _POLL = 0.1
@@ -83,6 +86,9 @@ class Destination(Protocol):
 
     capacity: int | None
     description: str
+    cached_writes: bool
+    """Whether something written since the last sync() may be only in the page cache. While False, all that was
+    written is on the device and a read-back straight from the device sees it without a flush."""
 
     def write_at(self, offset: int, data: memoryview) -> None: ...
 
@@ -106,7 +112,8 @@ class Verifier(Protocol):
         ...
 
     def durable(self, offset: int) -> None:
-        """Everything after the first block up to ``offset`` is written and flushed."""
+        """Everything after the first block up to ``offset`` is on the device: written directly (O_DIRECT, or zeroed
+        by the device), or written through the page cache and flushed."""
         ...
 
 
@@ -117,6 +124,7 @@ class TargetWriter:
         self.description = target.path
         self._direct = target.direct
         self._block = max(512, target.logical_block_size)
+        self.cached_writes = False
 
     def write_at(self, offset: int, data: memoryview) -> None:
         length = len(data)
@@ -127,6 +135,8 @@ class TargetWriter:
         elif not self._direct and self._target.direct and not (length % self._block or offset % self._block):
             set_direct(self._target.fd, True)
             self._direct = True
+        if not self._direct:
+            self.cached_writes = True
         done = 0
         try:
             while done < length:
@@ -165,6 +175,7 @@ class TargetWriter:
             os.fsync(self._target.fd)
         except OSError as exc:
             raise errors.DeviceError(f"flushing {self._target.path} failed: {exc.strerror}") from exc
+        self.cached_writes = False
 
 
 class FileObjectWriter:
@@ -174,6 +185,7 @@ class FileObjectWriter:
         self._file = fileobj
         self.capacity = capacity
         self.description = description
+        self.cached_writes = True
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self._file.seek(offset)
@@ -363,6 +375,8 @@ def stream_image(
         offset = 0
         zero_run_start = -1
         last_sync = 0
+        last_durable = 0
+        last_sync_time = time.monotonic()
         last_report = 0.0
 
         def flush_zeros(end: int) -> None:
@@ -397,8 +411,9 @@ def stream_image(
                 state["image_size"] = offset
                 if progress is not None:
                     progress(Progress("writing", source_bytes, total if total is not None else source_bytes, offset))
-                if verifier is not None and offset > last_sync:
-                    dest.sync()
+                if verifier is not None and offset > last_durable:
+                    if dest.cached_writes:
+                        dest.sync()
                     verifier.durable(offset)
                 return
             buf, n, all_zeros = cast(_Filled, item)
@@ -446,12 +461,28 @@ def stream_image(
                 n = end - offset
             offset += n
             state["written"] = offset
-            if offset - last_sync >= SYNC_INTERVAL:
-                flush_zeros(offset)
-                dest.sync()
-                last_sync = offset
-                if verifier is not None:
-                    verifier.durable(offset)
+            if dest.cached_writes:
+                if offset - last_sync >= SYNC_INTERVAL:
+                    flush_zeros(offset)
+                    dest.sync()
+                    last_sync = last_durable = offset
+                    if verifier is not None:
+                        verifier.durable(offset)
+            else:
+                # Direct writes need no flush to be read back: what a direct write or a zeroing returned from is what a
+                # direct read finds. Flushing the device's write cache stalls the writes behind it, so it happens by
+                # time, not by size: often enough to keep the final flush short, rarely enough not to slow the install.
+                if time.monotonic() - last_sync_time >= DIRECT_SYNC_SECONDS:
+                    dest.sync()
+                    last_sync_time = time.monotonic()
+                # An open zero run is not applied yet; a long one (the free space at the end of a file system) is
+                # applied in steps so the verify goes on.
+                if zero_run_start >= 0 and offset - zero_run_start >= SYNC_INTERVAL:
+                    flush_zeros(offset)
+                applied = zero_run_start if zero_run_start >= 0 else offset
+                if verifier is not None and applied > last_durable:
+                    verifier.durable(applied)
+                    last_durable = applied
             now = time.monotonic()
             if progress is not None and now - last_report >= 0.05:
                 last_report = now

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from abflasher import errors
-from abflasher.disk.blockdev import open_target
+from abflasher.disk.blockdev import ReadbackVerifier, open_target
 from abflasher.image.pipeline import Progress
 from abflasher.install import install_image
 from tests.support.images import MIB, BytesSource, compress, payload
@@ -117,15 +117,21 @@ def test_block_device_size_and_direct_io(loop_disk: LoopDisk) -> None:
         assert target.logical_block_size == 512
 
 
-def test_readback_failure_is_an_error(loop_disk: LoopDisk) -> None:
+def test_readback_failure_is_an_error(loop_disk: LoopDisk, monkeypatch: pytest.MonkeyPatch) -> None:
     """The medium changes what we wrote (a failing card): the verify must catch it, reading from the device."""
     node = loop_disk.partition(2)
     data = payload(22 * MIB)
     corrupted = threading.Event()
+    read_and_hash = ReadbackVerifier._read_and_hash
+
+    def after_the_corruption(self: ReadbackVerifier, start: int, end: int) -> None:
+        # The verify follows the writes closely; hold it back so the block is changed before it is read.
+        assert corrupted.wait(timeout=30)
+        read_and_hash(self, start, end)
+
+    monkeypatch.setattr(ReadbackVerifier, "_read_and_hash", after_the_corruption)
 
     def corrupt_written_block_once(progress: Progress) -> None:
-        # 22 MiB is less than one sync interval: nothing is read back before the stream ends, so a block written
-        # earlier can be changed behind the writer's back deterministically.
         if progress.stage == "writing" and progress.written >= 12 * MIB and not corrupted.is_set():
             fd = os.open(node, os.O_WRONLY | os.O_DIRECT)
             try:

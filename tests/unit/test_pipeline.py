@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -300,3 +303,126 @@ def test_source_is_closed_by_the_caller_not_the_pipeline(image: bytes, tmp_path:
     result = stream_image(source, TargetWriter(open_target(tmp_path / "o", create=True)))
     assert result.source_bytes == path.stat().st_size
     source.close()
+
+
+class _RecordingDestination(FileObjectWriter):
+    """A destination that says its writes bypass the page cache (or not), zeroes ranges itself like BLKZEROOUT, and
+    counts flushes."""
+
+    def __init__(self, size: int, *, direct: bool) -> None:
+        super().__init__(io.BytesIO(b"\xaa" * size), capacity=size)
+        self.cached_writes = not direct
+        self.syncs = 0
+
+    def zero(self, offset: int, length: int) -> bool:
+        self.write_at(offset, memoryview(bytes(length)))
+        return True
+
+    def sync(self) -> None:
+        super().sync()
+        self.syncs += 1
+
+
+class _CheckingVerifier:
+    """Checks at every ``durable`` that the destination already holds the image up to there."""
+
+    def __init__(self, dest: _RecordingDestination, image: bytes) -> None:
+        self.dest = dest
+        self.image = image
+        self.first = 0
+        self.offsets: list[int] = []
+
+    def first_block(self, data: memoryview) -> None:
+        self.first = len(data)
+
+    def durable(self, offset: int) -> None:
+        held = self.dest._file.getbuffer()[self.first : offset]  # type: ignore[attr-defined]
+        assert held == self.image[self.first : offset], f"durable({offset}) before the bytes were there"
+        self.offsets.append(offset)
+
+
+def _image_with_long_zero_runs() -> bytes:
+    data = bytearray(payload(40 * MIB))
+    data[9 * MIB : 30 * MIB] = bytes(21 * MIB)  # a zero run longer than a write batch, ending on a buffer boundary
+    data[-3 * MIB :] = bytes(3 * MIB)  # and one at the very end
+    return bytes(data)
+
+
+def test_direct_writes_are_verified_as_they_land_without_flushing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("abflasher.image.pipeline.SYNC_INTERVAL", 4 * MIB)
+    monkeypatch.setattr("abflasher.image.pipeline.DIRECT_SYNC_SECONDS", 3600.0)
+    data = _image_with_long_zero_runs()
+    dest = _RecordingDestination(len(data), direct=True)
+    verifier = _CheckingVerifier(dest, data)
+    stream_image(BytesSource(compress(data, "gzip")), dest, verifier=verifier)
+    assert dest._file.getvalue() == data
+    # Only the flush at the end: the verify does not wait for flushes of direct writes.
+    assert dest.syncs == 1
+    assert len(verifier.offsets) > 10
+    assert verifier.offsets == sorted(verifier.offsets)
+    assert verifier.offsets[-1] == len(data)
+
+
+def test_direct_writes_are_flushed_periodically_by_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("abflasher.image.pipeline.DIRECT_SYNC_SECONDS", 0.0)
+    data = payload(12 * MIB)
+    dest = _RecordingDestination(len(data), direct=True)
+    stream_image(BytesSource(compress(data, "gzip")), dest)
+    assert dest._file.getvalue() == data
+    assert dest.syncs > 2
+
+
+def test_cached_writes_are_flushed_before_the_verify_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("abflasher.image.pipeline.SYNC_INTERVAL", 4 * MIB)
+    data = _image_with_long_zero_runs()
+    dest = _RecordingDestination(len(data), direct=False)
+    synced_at: list[int] = []
+    verifier = _CheckingVerifier(dest, data)
+    original_durable = verifier.durable
+
+    def durable(offset: int) -> None:
+        synced_at.append(dest.syncs)
+        original_durable(offset)
+
+    verifier.durable = durable  # type: ignore[method-assign]
+    stream_image(BytesSource(compress(data, "gzip")), dest, verifier=verifier)
+    assert dest._file.getvalue() == data
+    assert dest.syncs >= len(data) // (4 * MIB) - 1
+    # Each durable() came after a flush no earlier durable() had already used.
+    assert synced_at == sorted(set(synced_at))
+    assert synced_at[0] >= 1
+    assert verifier.offsets[-1] == len(data)
+
+
+def test_target_writer_knows_when_writes_went_through_the_cache(tmp_path: Path) -> None:
+    path = tmp_path / "t.img"
+    path.write_bytes(bytes(2 * MIB))
+    with open_target(path) as target:
+        writer = TargetWriter(target)
+        assert writer.cached_writes is False
+        aligned = mmap.mmap(-1, 4096)
+        buf = memoryview(aligned)
+        writer.write_at(0, buf)
+        assert writer.cached_writes is (not target.direct)
+        writer.write_at(4096, buf[:100])  # an odd tail goes through the page cache
+        assert writer.cached_writes is True
+        writer.sync()
+        assert writer.cached_writes is False
+        buf.release()
+        aligned.close()
+
+
+def test_a_local_install_does_not_import_the_http_stack(tmp_path: Path) -> None:
+    source = tmp_path / "img.gz"
+    source.write_bytes(compress(payload(2 * MIB), "gzip"))
+    (tmp_path / "out.img").write_bytes(bytes(2 * MIB))
+    code = (
+        "import sys\n"
+        "from abflasher import cli\n"
+        f"rc = cli.main(['write', {str(source)!r}, {str(tmp_path / 'out.img')!r}, '-q', '--sha256', '{'0' * 64}'])\n"
+        "assert 'requests' not in sys.modules, 'requests was imported'\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert "requests was imported" not in done.stderr
+    assert done.returncode == errors.ChecksumMismatch.exit_code, done.stderr
