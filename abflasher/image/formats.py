@@ -9,10 +9,12 @@ before its end-of-stream marker.
 from __future__ import annotations
 
 import bz2
+import collections
 import enum
 import lzma
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from abflasher import errors
@@ -89,26 +91,34 @@ class Decoder(Protocol):
         ...
 
 
-def available_gzip_implementations() -> dict[str, Callable[[], Any]]:
-    """gzip inflaters importable here, fastest first; each value makes a zlib-compatible decompressobj."""
-    impls: dict[str, Callable[[], Any]] = {}
+@dataclass(frozen=True)
+class GzipInflater:
+    """A zlib-compatible module: a raw-deflate decompressobj factory and the module's CRC-32."""
+
+    new_raw: Callable[[], Any]
+    crc32: Callable[[Any, int], int]
+
+
+def available_gzip_implementations() -> dict[str, GzipInflater]:
+    """gzip inflaters importable here, fastest first."""
+    impls: dict[str, GzipInflater] = {}
     try:
         from isal import isal_zlib
 
-        impls["isal"] = lambda: isal_zlib.decompressobj(wbits=31)
+        impls["isal"] = GzipInflater(lambda: isal_zlib.decompressobj(wbits=-15), isal_zlib.crc32)
     except ImportError:
         pass
     try:
         from zlib_ng import zlib_ng
 
-        impls["zlib-ng"] = lambda: zlib_ng.decompressobj(wbits=31)
+        impls["zlib-ng"] = GzipInflater(lambda: zlib_ng.decompressobj(wbits=-15), zlib_ng.crc32)
     except ImportError:
         pass
-    impls["zlib"] = lambda: zlib.decompressobj(wbits=31)
+    impls["zlib"] = GzipInflater(lambda: zlib.decompressobj(wbits=-15), zlib.crc32)
     return impls
 
 
-def gzip_implementation(name: str = "auto") -> tuple[str, Callable[[], Any]]:
+def gzip_implementation(name: str = "auto") -> tuple[str, GzipInflater]:
     """Pick a gzip inflater: ``auto`` takes the fastest importable one (isal or zlib-ng), else stdlib zlib."""
     impls = available_gzip_implementations()
     if name == "auto":
@@ -135,11 +145,8 @@ class _RawDecoder:
 
 
 class _MemberDecoder:
-    """Shared logic of gzip/xz/bzip2: a sequence of members, each decoded by a fresh stdlib-style object.
-
-    ``zlib_style`` says how the decompress object hands back input it could not use yet when the output limit is
-    hit: zlib-like objects return it in ``unconsumed_tail`` (to be passed again), lzma/bz2 keep it and want ``b""``.
-    """
+    """Shared logic of xz/bzip2: a sequence of members, each decoded by a fresh lzma/bz2 decompressor (which keeps
+    the input it could not use yet when the output limit is hit, and wants ``b""`` to go on)."""
 
     def __init__(
         self,
@@ -149,14 +156,12 @@ class _MemberDecoder:
         magic: bytes,
         format_name: str,
         *,
-        zlib_style: bool,
         null_padding_allowed: bool = False,
     ) -> None:
         self._next = next_chunk
         self._new_member = new_member
         self._magic = magic
         self._format = format_name
-        self._zlib_style = zlib_style
         self._null_padding_allowed = null_padding_allowed
         self._obj: Any = None
         self._input = head
@@ -214,8 +219,6 @@ class _MemberDecoder:
                 out = obj.decompress(data, max_length)
             except Exception as exc:
                 raise self._corrupt(exc) from exc
-            if self._zlib_style:
-                self._input = obj.unconsumed_tail
             self._stream_offset += len(data) - len(self._input)
             if obj.eof:
                 self._input = obj.unused_data + self._input
@@ -224,8 +227,7 @@ class _MemberDecoder:
             if out:
                 return bytes(out)
             # No output: the object is starved unless it still holds input of its own.
-            starved = not self._input if self._zlib_style else obj.needs_input
-            if self._obj is not None and starved and not self._more_input():
+            if self._obj is not None and obj.needs_input and not self._more_input():
                 return self._truncated()
 
     def _truncated(self) -> bytes:
@@ -237,6 +239,195 @@ class _MemberDecoder:
     def _corrupt(self, exc: Exception) -> errors.BadImage:
         return errors.BadImage(
             f"corrupt {self._format} data near compressed byte {self._stream_offset}: {exc}"
+        )
+
+
+_FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 0x02, 0x04, 0x08, 0x10
+_GZIP_RESERVED_FLAGS = 0xE0
+#: A gzip header longer than this (its name or comment never ends) is refused rather than buffered.
+MAX_GZIP_HEADER = 1 << 20
+
+
+class GzipMemberCheck:
+    """The CRC-32 and length of each gzip member's output, compared with the member's trailer.
+
+    The decoder inflates raw deflate and announces each member's trailer here (``expect``); whoever consumes the
+    output feeds all of it, in order, to ``update`` and calls ``finish`` after the last byte. The pipeline does that on
+    its hashing thread, beside the sha256: the CRC-32 is a tenth of stdlib zlib's inflate time, and the inflate is the
+    one stage that cannot be spread over cores. Used by the decoder itself when nobody else takes it.
+    """
+
+    def __init__(self, crc32: Callable[[Any, int], int]) -> None:
+        self._crc32 = crc32
+        # Appended by the decoding thread, consumed by the one calling update(): deque operations are atomic.
+        self._ends: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._position = 0
+        self._member_start = 0
+        self._crc = 0
+        self._members = 0
+
+    def expect(self, end: int, crc: int, size: int) -> None:
+        """A member's output ends at image byte ``end``; its trailer says CRC-32 ``crc`` and length ``size``."""
+        self._ends.append((end, crc, size))
+
+    def update(self, data: Any) -> None:
+        view = memoryview(data)
+        end = self._position + len(view)
+        while self._ends and self._ends[0][0] <= end:
+            member_end, crc, size = self._ends.popleft()
+            take = member_end - self._position
+            if take < 0:
+                raise errors.Internal(f"gzip member end {member_end} announced after byte {self._position} was checked")
+            if take:
+                self._crc = self._crc32(view[:take], self._crc)
+                view = view[take:]
+                self._position = member_end
+            self._close_member(crc, size)
+        if len(view):
+            self._crc = self._crc32(view, self._crc)
+            self._position = end
+
+    def finish(self) -> None:
+        """All output was fed: every member must have been checked."""
+        self.update(b"")
+        if self._ends or self._position != self._member_start:
+            raise errors.Internal("gzip output is not covered by the members' trailers")
+
+    def _close_member(self, crc: int, size: int) -> None:
+        self._members += 1
+        length = self._position - self._member_start
+        if self._crc != crc or length & 0xFFFFFFFF != size:
+            what = "CRC-32" if self._crc != crc else f"length ({length} bytes)"
+            raise errors.BadImage(
+                f"corrupt gzip data: the {what} of member {self._members}, which ends at image byte "
+                f"{self._position}, does not match the member's trailer (the image file is damaged)"
+            )
+        self._crc = 0
+        self._member_start = self._position
+
+
+def _gzip_header_length(buf: bytes, crc32: Callable[[Any, int], int]) -> int | None:
+    """The length of the RFC 1952 member header at the start of ``buf``, or None when ``buf`` ends inside it."""
+    if len(buf) < 10:
+        return None
+    flags = buf[3]
+    if flags & _GZIP_RESERVED_FLAGS:
+        raise errors.BadImage(f"corrupt gzip header: reserved flag bits are set ({flags:#04x})")
+    pos = 10
+    if flags & _FEXTRA:
+        if len(buf) < pos + 2:
+            return None
+        pos += 2 + int.from_bytes(buf[pos : pos + 2], "little")
+        if len(buf) < pos:
+            return None
+    for flag in (_FNAME, _FCOMMENT):
+        if flags & flag:
+            zero = buf.find(b"\0", pos)
+            if zero < 0:
+                return None
+            pos = zero + 1
+    if flags & _FHCRC:
+        if len(buf) < pos + 2:
+            return None
+        if int.from_bytes(buf[pos : pos + 2], "little") != crc32(buf[:pos], 0) & 0xFFFF:
+            raise errors.BadImage("corrupt gzip header: its CRC-16 does not match")
+        pos += 2
+    return pos
+
+
+class _GzipDecoder:
+    """gzip members parsed here, their deflate data inflated raw, their trailers checked by a GzipMemberCheck."""
+
+    def __init__(
+        self, next_chunk: ChunkSource, head: bytes, inflater: GzipInflater, check: GzipMemberCheck | None
+    ) -> None:
+        self._next = next_chunk
+        self._inflater = inflater
+        self._own_check = check is None
+        self._check = check if check is not None else GzipMemberCheck(inflater.crc32)
+        self._obj: Any = None
+        self._input = head
+        self._input_ended = False
+        self._members = 0
+        self._stream_offset = 0
+        self._output = 0
+
+    def _more_input(self) -> bool:
+        if self._input_ended:
+            return False
+        chunk = self._next()
+        if not chunk:
+            self._input_ended = True
+            return False
+        self._input += chunk
+        return True
+
+    def _consume(self, length: int) -> None:
+        self._input = self._input[length:]
+        self._stream_offset += length
+
+    def _start_member(self) -> bool:
+        """Between members: parse the next header, or return False at a clean end of the image."""
+        while len(self._input) < len(GZIP_MAGIC) and self._more_input():
+            pass
+        if not self._input:
+            return False
+        if not self._input.startswith(GZIP_MAGIC):
+            raise errors.BadImage(
+                f"trailing garbage after the end of the gzip stream (at compressed byte {self._stream_offset}): "
+                "the image file is damaged or has data appended"
+            )
+        while (length := _gzip_header_length(self._input, self._inflater.crc32)) is None:
+            if len(self._input) > MAX_GZIP_HEADER:
+                raise errors.BadImage(f"corrupt gzip header: longer than {MAX_GZIP_HEADER} bytes")
+            if not self._more_input():
+                self._truncated()
+        self._consume(length)
+        self._obj = self._inflater.new_raw()
+        self._members += 1
+        return True
+
+    def _end_member(self) -> None:
+        while len(self._input) < 8 and self._more_input():
+            pass
+        if len(self._input) < 8:
+            self._truncated()
+        self._check.expect(
+            self._output, int.from_bytes(self._input[:4], "little"), int.from_bytes(self._input[4:8], "little")
+        )
+        self._consume(8)
+
+    def read(self, max_length: int) -> bytes:
+        while True:
+            if self._obj is None and not self._start_member():
+                if self._own_check:
+                    self._check.finish()
+                return b""
+            obj = self._obj
+            data, self._input = self._input, b""
+            try:
+                out = obj.decompress(data, max_length)
+            except Exception as exc:
+                raise errors.BadImage(f"corrupt gzip data near compressed byte {self._stream_offset}: {exc}") from exc
+            # What the inflater did not use: past the end of the deflate data, or held back by max_length. (At the
+            # end, stdlib zlib can leave the same bytes in unconsumed_tail as well: only unused_data counts then.)
+            self._input = obj.unused_data if obj.eof else obj.unconsumed_tail
+            self._stream_offset += len(data) - len(self._input)
+            self._output += len(out)
+            if obj.eof:
+                self._obj = None
+                self._end_member()
+            if out:
+                if self._own_check:
+                    self._check.update(out)
+                return bytes(out)
+            if self._obj is not None and not self._input and not self._more_input():
+                self._truncated()
+
+    def _truncated(self) -> None:
+        raise errors.BadImage(
+            f"the gzip image is truncated: it ended after {self._stream_offset} compressed bytes, "
+            "before its end-of-stream marker (incomplete download or copy?)"
         )
 
 
@@ -311,12 +502,21 @@ class _ZstdDecoder:
 
 
 def open_decoder(
-    image_format: ImageFormat, next_chunk: ChunkSource, head: bytes, *, gzip_impl: str = "auto"
+    image_format: ImageFormat,
+    next_chunk: ChunkSource,
+    head: bytes,
+    *,
+    gzip_impl: str = "auto",
+    gzip_check: GzipMemberCheck | None = None,
 ) -> Decoder:
-    """A bounded streaming decoder for ``image_format``; ``head`` is input already read for detection."""
+    """A bounded streaming decoder for ``image_format``; ``head`` is input already read for detection.
+
+    With ``gzip_check`` the caller takes over checking the CRC-32 of gzip members: it must feed that object every
+    decoded byte in order and call its finish() after the last; without it the decoder checks them itself.
+    """
     if image_format is ImageFormat.GZIP:
-        _, new_member = gzip_implementation(gzip_impl)
-        return _MemberDecoder(next_chunk, head, new_member, GZIP_MAGIC, "gzip", zlib_style=True)
+        _, inflater = gzip_implementation(gzip_impl)
+        return _GzipDecoder(next_chunk, head, inflater, gzip_check)
     if image_format is ImageFormat.XZ:
         return _MemberDecoder(
             next_chunk,
@@ -324,11 +524,10 @@ def open_decoder(
             lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ),
             XZ_MAGIC,
             "xz",
-            zlib_style=False,
             null_padding_allowed=True,
         )
     if image_format is ImageFormat.BZIP2:
-        return _MemberDecoder(next_chunk, head, bz2.BZ2Decompressor, BZIP2_MAGIC, "bzip2", zlib_style=False)
+        return _MemberDecoder(next_chunk, head, bz2.BZ2Decompressor, BZIP2_MAGIC, "bzip2")
     if image_format is ImageFormat.ZSTD:
         return _ZstdDecoder(next_chunk, head)
     return _RawDecoder(next_chunk, head)

@@ -29,7 +29,14 @@ from typing import BinaryIO, Protocol, cast
 
 from abflasher import errors
 from abflasher.disk.blockdev import Target, set_direct, zero_range
-from abflasher.image.formats import DETECT_BYTES, ImageFormat, detect_format, gzip_implementation, open_decoder
+from abflasher.image.formats import (
+    DETECT_BYTES,
+    GzipMemberCheck,
+    ImageFormat,
+    detect_format,
+    gzip_implementation,
+    open_decoder,
+)
 from abflasher.image.sources import ImageSource
 
 BUFFER_SIZE = 1 << 20
@@ -305,7 +312,12 @@ def stream_image(
     head = read_head(source)
     detected = detect_format(head)
     fmt = image_format or detected
-    inflater = gzip_implementation(gzip_impl)[0] if fmt is ImageFormat.GZIP else None
+    inflater: str | None = None
+    # The gzip CRC-32 runs on the hashing thread, off the inflating one (see GzipMemberCheck).
+    gzip_check: GzipMemberCheck | None = None
+    if fmt is ImageFormat.GZIP:
+        inflater, implementation = gzip_implementation(gzip_impl)
+        gzip_check = GzipMemberCheck(implementation.crc32)
     total = source_size if source_size is not None else source.size
 
     pipe = _Pipeline(cancel)
@@ -342,7 +354,7 @@ def stream_image(
         return b"" if item is _END else cast(bytes, item)
 
     def decode_stage() -> None:
-        decoder = open_decoder(fmt, next_chunk, head, gzip_impl=gzip_impl)
+        decoder = open_decoder(fmt, next_chunk, head, gzip_impl=gzip_impl, gzip_check=gzip_check)
         while True:
             buf = cast(mmap.mmap, pipe.get(free))
             filled = 0
@@ -362,11 +374,15 @@ def stream_image(
         while True:
             item = pipe.get(to_hash)
             if item is _END:
+                if gzip_check is not None:
+                    gzip_check.finish()
                 pipe.put(to_write, _END)
                 return
             buf, n, _ = cast(_Filled, item)
             with memoryview(buf) as view:
                 image_hash.update(view[:n])
+                if gzip_check is not None:
+                    gzip_check.update(view[:n])
             # Runs of zeros (free space of a file system) are zeroed on the device instead of written.
             all_zeros = n == BUFFER_SIZE and _is_zero(buf)
             pipe.put(to_write, (buf, n, all_zeros))

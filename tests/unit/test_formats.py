@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import pytest
 import zstandard
@@ -168,3 +169,116 @@ def test_gzip_bomb_output_is_bounded_per_read() -> None:
     blob = compress(bytes(64 * MIB), "gzip")
     assert len(blob) < 128 * 1024
     assert len(decode_all(blob, "gzip", read_size=MIB)) == 64 * MIB
+
+
+# gzip members are parsed by ab-flasher and inflated as raw deflate; their CRC-32 is checked by GzipMemberCheck.
+
+
+def gzip_member(
+    data: bytes, *, extra: bytes | None = None, name: bytes | None = None, comment: bytes | None = None,
+    header_crc: bool = False, flags: int = 0,
+) -> bytes:
+    """One RFC 1952 member with whichever optional header fields are asked for."""
+    fields = b""
+    if extra is not None:
+        flags |= 0x04
+        fields += len(extra).to_bytes(2, "little") + extra
+    if name is not None:
+        flags |= 0x08
+        fields += name + b"\0"
+    if comment is not None:
+        flags |= 0x10
+        fields += comment + b"\0"
+    header = b"\x1f\x8b\x08" + bytes([flags | (0x02 if header_crc else 0)]) + bytes(4) + b"\x00\x03" + fields
+    if header_crc:
+        header += (zlib.crc32(header) & 0xFFFF).to_bytes(2, "little")
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = deflate.compress(data) + deflate.flush()
+    return header + body + zlib.crc32(data).to_bytes(4, "little") + (len(data) & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("impl", list(formats.available_gzip_implementations()))
+def test_gzip_optional_header_fields_split_anywhere(impl: str) -> None:
+    first, second = payload(200_000), payload(150_000, seed=2)
+    blob = gzip_member(first, extra=b"AB\x02\x00xy", name=b"rootfs.img", comment=b"built by ci", header_crc=True)
+    blob += gzip_member(second, name=b"second")
+    assert decode_all(blob, "gzip", gzip_impl=impl, chunk=1, read_size=4096) == first + second
+    assert decode_all(blob, "gzip", gzip_impl=impl, chunk=7) == first + second
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (lambda: bytearray(gzip_member(b"x" * 1000, header_crc=True)), "CRC-16"),
+        (lambda: bytearray(gzip_member(b"x" * 1000, flags=0x20)), "reserved flag"),
+    ],
+    ids=["header-crc", "reserved-flags"],
+)
+def test_bad_gzip_headers(blob: object, message: str) -> None:
+    data = blob()  # type: ignore[operator]
+    if message == "CRC-16":
+        data[11] ^= 0xFF
+    with pytest.raises(errors.BadImage, match=message):
+        decode_all(bytes(data), "gzip")
+
+
+def test_gzip_length_mismatch_is_corruption() -> None:
+    blob = bytearray(compress(payload(MIB), "gzip"))
+    blob[-1] ^= 0x01  # ISIZE field of the trailer
+    with pytest.raises(errors.BadImage, match="corrupt gzip data: the length"):
+        decode_all(bytes(blob), "gzip")
+
+
+def test_gzip_header_whose_name_never_ends_is_refused() -> None:
+    blob = b"\x1f\x8b\x08\x08" + bytes(6) + b"n" * (formats.MAX_GZIP_HEADER + 10)
+    with pytest.raises(errors.BadImage, match="longer than"):
+        decode_all(blob, "gzip")
+
+
+@pytest.mark.parametrize("cut", [3, 9, 12, -1, -5, -8])
+def test_gzip_cut_in_a_header_or_a_trailer_is_truncated(cut: int) -> None:
+    blob = gzip_member(payload(300_000), name=b"img") + gzip_member(b"tail", name=b"x")
+    cut_at = len(blob) + cut if cut < 0 else len(blob) - len(gzip_member(b"tail", name=b"x")) + cut
+    with pytest.raises(errors.BadImage, match="truncated"):
+        decode_all(blob[:cut_at], "gzip")
+
+
+@pytest.mark.parametrize("impl", list(formats.available_gzip_implementations()))
+def test_members_ending_exactly_at_a_read_boundary(impl: str) -> None:
+    data = payload(4 * MIB)
+    assert decode_all(compress(data, "gzip", members=4), "gzip", gzip_impl=impl, read_size=MIB) == data
+
+
+def test_member_check_accepts_trailers_announced_after_their_bytes() -> None:
+    check = formats.GzipMemberCheck(zlib.crc32)
+    check.update(b"abc")
+    check.expect(3, zlib.crc32(b"abc"), 3)
+    check.update(memoryview(b"de"))
+    check.expect(5, zlib.crc32(b"de"), 2)
+    check.finish()
+
+
+def test_member_check_splits_a_buffer_at_member_ends() -> None:
+    check = formats.GzipMemberCheck(zlib.crc32)
+    check.expect(2, zlib.crc32(b"ab"), 2)
+    check.expect(2, zlib.crc32(b""), 0)  # an empty member
+    check.expect(5, zlib.crc32(b"cde"), 3)
+    check.update(b"abcdefg")
+    check.expect(7, zlib.crc32(b"fg"), 2)
+    check.finish()
+
+
+def test_member_check_names_the_bad_member() -> None:
+    check = formats.GzipMemberCheck(zlib.crc32)
+    check.expect(2, zlib.crc32(b"ab"), 2)
+    check.expect(4, zlib.crc32(b"cX"), 2)
+    with pytest.raises(errors.BadImage, match="CRC-32 of member 2, which ends at image byte 4"):
+        check.update(b"abcd")
+
+
+def test_member_check_refuses_output_no_trailer_covers() -> None:
+    check = formats.GzipMemberCheck(zlib.crc32)
+    check.expect(2, zlib.crc32(b"ab"), 2)
+    check.update(b"abc")
+    with pytest.raises(errors.Internal):
+        check.finish()

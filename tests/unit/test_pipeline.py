@@ -15,6 +15,7 @@ import pytest
 
 from abflasher import errors
 from abflasher.disk.blockdev import ReadbackVerifier, open_target
+from abflasher.image.formats import available_gzip_implementations
 from abflasher.image.pipeline import BUFFER_SIZE, FileObjectWriter, Progress, TargetWriter, stream_image
 from abflasher.image.sources import FdSource, FileSource
 from abflasher.install import install_image
@@ -99,6 +100,19 @@ def test_truncated_stream_leaves_the_target_incomplete(image: bytes, fraction: f
     out = _prefilled(len(image))
     with pytest.raises(errors.BadImage, match="truncated"):
         stream_image(BytesSource(blob[: int(len(blob) * fraction)]), FileObjectWriter(out))
+    assert_first_block_invalidated(out, image)
+
+
+@pytest.mark.parametrize("field", [-8, -1], ids=["crc32", "isize"])
+@pytest.mark.parametrize("impl", list(available_gzip_implementations()))
+def test_a_bad_gzip_trailer_is_caught_off_the_inflating_thread(image: bytes, impl: str, field: int) -> None:
+    half = len(image) // 2
+    second = bytearray(compress(image[half:], "gzip"))
+    second[field] ^= 0x01
+    blob = compress(image[:half], "gzip") + bytes(second)
+    out = _prefilled(len(image))
+    with pytest.raises(errors.BadImage, match="of member 2, which ends at image byte"):
+        stream_image(BytesSource(blob), FileObjectWriter(out), gzip_impl=impl)
     assert_first_block_invalidated(out, image)
 
 
