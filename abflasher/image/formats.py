@@ -144,25 +144,12 @@ class _RawDecoder:
         return out
 
 
-class _MemberDecoder:
-    """Shared logic of xz/bzip2: a sequence of members, each decoded by a fresh lzma/bz2 decompressor (which keeps
-    the input it could not use yet when the output limit is hit, and wants ``b""`` to go on)."""
+class _MemberInput:
+    """Compressed input of a sequence of members, pulled a chunk at a time, with the offset decoded so far."""
 
-    def __init__(
-        self,
-        next_chunk: ChunkSource,
-        head: bytes,
-        new_member: Callable[[], Any],
-        magic: bytes,
-        format_name: str,
-        *,
-        null_padding_allowed: bool = False,
-    ) -> None:
+    def __init__(self, next_chunk: ChunkSource, head: bytes, format_name: str) -> None:
         self._next = next_chunk
-        self._new_member = new_member
-        self._magic = magic
         self._format = format_name
-        self._null_padding_allowed = null_padding_allowed
         self._obj: Any = None
         self._input = head
         self._input_ended = False
@@ -178,6 +165,43 @@ class _MemberDecoder:
             return False
         self._input += chunk
         return True
+
+    def _decompress(self, max_length: int) -> tuple[Any, bytes, bytes]:
+        """All pending input to the current member's decompressor: (the decompressor, that input, its output)."""
+        obj = self._obj
+        data, self._input = self._input, b""
+        try:
+            return obj, data, obj.decompress(data, max_length)
+        except Exception as exc:
+            raise errors.BadImage(
+                f"corrupt {self._format} data near compressed byte {self._stream_offset}: {exc}"
+            ) from exc
+
+    def _truncated(self) -> bytes:
+        raise errors.BadImage(
+            f"the {self._format} image is truncated: it ended after {self._stream_offset} compressed bytes, "
+            "before its end-of-stream marker (incomplete download or copy?)"
+        )
+
+
+class _MemberDecoder(_MemberInput):
+    """Shared logic of xz/bzip2: a sequence of members, each decoded by a fresh lzma/bz2 decompressor (which keeps
+    the input it could not use yet when the output limit is hit, and wants ``b""`` to go on)."""
+
+    def __init__(
+        self,
+        next_chunk: ChunkSource,
+        head: bytes,
+        new_member: Callable[[], Any],
+        magic: bytes,
+        format_name: str,
+        *,
+        null_padding_allowed: bool = False,
+    ) -> None:
+        super().__init__(next_chunk, head, format_name)
+        self._new_member = new_member
+        self._magic = magic
+        self._null_padding_allowed = null_padding_allowed
 
     def _start_member(self) -> bool:
         """Between members: start the next one, or return False at a clean end of the image."""
@@ -213,12 +237,7 @@ class _MemberDecoder:
         while True:
             if self._obj is None and not self._start_member():
                 return b""
-            obj = self._obj
-            data, self._input = self._input, b""
-            try:
-                out = obj.decompress(data, max_length)
-            except Exception as exc:
-                raise self._corrupt(exc) from exc
+            obj, data, out = self._decompress(max_length)
             self._stream_offset += len(data) - len(self._input)
             if obj.eof:
                 self._input = obj.unused_data + self._input
@@ -230,16 +249,6 @@ class _MemberDecoder:
             if self._obj is not None and obj.needs_input and not self._more_input():
                 return self._truncated()
 
-    def _truncated(self) -> bytes:
-        raise errors.BadImage(
-            f"the {self._format} image is truncated: it ended after {self._stream_offset} compressed bytes, "
-            "before its end-of-stream marker (incomplete download or copy?)"
-        )
-
-    def _corrupt(self, exc: Exception) -> errors.BadImage:
-        return errors.BadImage(
-            f"corrupt {self._format} data near compressed byte {self._stream_offset}: {exc}"
-        )
 
 
 _FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 0x02, 0x04, 0x08, 0x10
@@ -335,32 +344,17 @@ def _gzip_header_length(buf: bytes, crc32: Callable[[Any, int], int]) -> int | N
     return pos
 
 
-class _GzipDecoder:
+class _GzipDecoder(_MemberInput):
     """gzip members parsed here, their deflate data inflated raw, their trailers checked by a GzipMemberCheck."""
 
     def __init__(
         self, next_chunk: ChunkSource, head: bytes, inflater: GzipInflater, check: GzipMemberCheck | None
     ) -> None:
-        self._next = next_chunk
+        super().__init__(next_chunk, head, "gzip")
         self._inflater = inflater
         self._own_check = check is None
         self._check = check if check is not None else GzipMemberCheck(inflater.crc32)
-        self._obj: Any = None
-        self._input = head
-        self._input_ended = False
-        self._members = 0
-        self._stream_offset = 0
         self._output = 0
-
-    def _more_input(self) -> bool:
-        if self._input_ended:
-            return False
-        chunk = self._next()
-        if not chunk:
-            self._input_ended = True
-            return False
-        self._input += chunk
-        return True
 
     def _consume(self, length: int) -> None:
         self._input = self._input[length:]
@@ -403,12 +397,7 @@ class _GzipDecoder:
                 if self._own_check:
                     self._check.finish()
                 return b""
-            obj = self._obj
-            data, self._input = self._input, b""
-            try:
-                out = obj.decompress(data, max_length)
-            except Exception as exc:
-                raise errors.BadImage(f"corrupt gzip data near compressed byte {self._stream_offset}: {exc}") from exc
+            obj, data, out = self._decompress(max_length)
             # What the inflater did not use: past the end of the deflate data, or held back by max_length. (At the
             # end, stdlib zlib can leave the same bytes in unconsumed_tail as well: only unused_data counts then.)
             self._input = obj.unused_data if obj.eof else obj.unconsumed_tail
@@ -423,12 +412,6 @@ class _GzipDecoder:
                 return bytes(out)
             if self._obj is not None and not self._input and not self._more_input():
                 self._truncated()
-
-    def _truncated(self) -> None:
-        raise errors.BadImage(
-            f"the gzip image is truncated: it ended after {self._stream_offset} compressed bytes, "
-            "before its end-of-stream marker (incomplete download or copy?)"
-        )
 
 
 class _ZstdDecoder:
