@@ -15,7 +15,7 @@ import lzma
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from abflasher import errors
 
@@ -177,7 +177,20 @@ class _MemberInput:
                 f"corrupt {self._format} data near compressed byte {self._stream_offset}: {exc}"
             ) from exc
 
-    def _truncated(self) -> bytes:
+    def _member_follows(self, magic: bytes) -> bool:
+        """Between members: False at a clean end of the image, True when another member starts here."""
+        while len(self._input) < len(magic) and self._more_input():
+            pass
+        if not self._input:
+            return False
+        if self._members and not self._input.startswith(magic):
+            raise errors.BadImage(
+                f"trailing garbage after the end of the {self._format} stream "
+                f"(at compressed byte {self._stream_offset}): the image file is damaged or has data appended"
+            )
+        return True
+
+    def _truncated(self) -> NoReturn:
         raise errors.BadImage(
             f"the {self._format} image is truncated: it ended after {self._stream_offset} compressed bytes, "
             "before its end-of-stream marker (incomplete download or copy?)"
@@ -205,7 +218,7 @@ class _MemberDecoder(_MemberInput):
 
     def _start_member(self) -> bool:
         """Between members: start the next one, or return False at a clean end of the image."""
-        while len(self._input) < len(self._magic) and self._more_input():
+        while not self._input and self._more_input():
             pass
         if self._null_padding_allowed and self._input.startswith(b"\0"):
             # xz allows stream padding between and after streams: NUL bytes, a multiple of four of them.
@@ -220,15 +233,8 @@ class _MemberDecoder(_MemberInput):
                 )
             self._stream_offset += padding
             self._input = stripped
-            while len(self._input) < len(self._magic) and self._more_input():
-                pass
-        if not self._input:
+        if not self._member_follows(self._magic):
             return False
-        if self._members and not self._input.startswith(self._magic):
-            raise errors.BadImage(
-                f"trailing garbage after the end of the {self._format} stream "
-                f"(at compressed byte {self._stream_offset}): the image file is damaged or has data appended"
-            )
         self._obj = self._new_member()
         self._members += 1
         return True
@@ -247,8 +253,7 @@ class _MemberDecoder(_MemberInput):
                 return bytes(out)
             # No output: the object is starved unless it still holds input of its own.
             if self._obj is not None and obj.needs_input and not self._more_input():
-                return self._truncated()
-
+                self._truncated()
 
 
 _FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 0x02, 0x04, 0x08, 0x10
@@ -319,6 +324,8 @@ def _gzip_header_length(buf: bytes, crc32: Callable[[Any, int], int]) -> int | N
     """The length of the RFC 1952 member header at the start of ``buf``, or None when ``buf`` ends inside it."""
     if len(buf) < 10:
         return None
+    if not buf.startswith(GZIP_MAGIC):
+        raise errors.BadImage("corrupt gzip header: the member does not start with the gzip magic bytes")
     flags = buf[3]
     if flags & _GZIP_RESERVED_FLAGS:
         raise errors.BadImage(f"corrupt gzip header: reserved flag bits are set ({flags:#04x})")
@@ -362,15 +369,8 @@ class _GzipDecoder(_MemberInput):
 
     def _start_member(self) -> bool:
         """Between members: parse the next header, or return False at a clean end of the image."""
-        while len(self._input) < len(GZIP_MAGIC) and self._more_input():
-            pass
-        if not self._input:
+        if not self._member_follows(GZIP_MAGIC):
             return False
-        if not self._input.startswith(GZIP_MAGIC):
-            raise errors.BadImage(
-                f"trailing garbage after the end of the gzip stream (at compressed byte {self._stream_offset}): "
-                "the image file is damaged or has data appended"
-            )
         while (length := _gzip_header_length(self._input, self._inflater.crc32)) is None:
             if len(self._input) > MAX_GZIP_HEADER:
                 raise errors.BadImage(f"corrupt gzip header: longer than {MAX_GZIP_HEADER} bytes")

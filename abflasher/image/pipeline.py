@@ -477,6 +477,7 @@ def stream_image(
                 n = end - offset
             offset += n
             state["written"] = offset
+            now = time.monotonic()
             if dest.cached_writes:
                 if offset - last_sync >= SYNC_INTERVAL:
                     flush_zeros(offset)
@@ -488,9 +489,9 @@ def stream_image(
                 # Direct writes need no flush to be read back: what a direct write or a zeroing returned from is what a
                 # direct read finds. Flushing the device's write cache stalls the writes behind it, so it happens by
                 # time, not by size: often enough to keep the final flush short, rarely enough not to slow the install.
-                if time.monotonic() - last_sync_time >= DIRECT_SYNC_SECONDS:
+                if now - last_sync_time >= DIRECT_SYNC_SECONDS:
                     dest.sync()
-                    last_sync_time = time.monotonic()
+                    last_sync_time = now
                 # An open zero run is not applied yet; a long one (the free space at the end of a file system) is
                 # applied in steps so the verify goes on.
                 if zero_run_start >= 0 and offset - zero_run_start >= SYNC_INTERVAL:
@@ -499,7 +500,6 @@ def stream_image(
                 if verifier is not None and applied > last_durable:
                     verifier.durable(applied)
                     last_durable = applied
-            now = time.monotonic()
             if progress is not None and now - last_report >= 0.05:
                 last_report = now
                 progress(Progress("writing", source_bytes, total, offset))

@@ -282,3 +282,8 @@ def test_member_check_refuses_output_no_trailer_covers() -> None:
     check.update(b"abc")
     with pytest.raises(errors.Internal):
         check.finish()
+
+
+def test_data_forced_as_gzip_that_is_not_gzip_is_refused() -> None:
+    with pytest.raises(errors.BadImage, match="gzip magic"):
+        decode_all(payload(64 * 1024), "gzip")
