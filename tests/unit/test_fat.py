@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from abflasher import errors
-from abflasher.boot import bootfiles, fat
+from abflasher.boot import bootfiles, fat, fatpaths
 from abflasher.boot.fat import TEMP_NAME_RE, DirectoryVolume, FatVolume, MtoolsVolume, open_volume
 from abflasher.disk.mounts import mount_points
 from tests import pifirmware
@@ -289,11 +289,11 @@ def test_descriptions_name_the_device() -> None:
 
 def test_temp_names_are_8_3_and_recognised() -> None:
     for like in ("config.txt", "CONFIG.TXT", "README", "Mixed.Case.txt", ""):
-        name = fat._new_temp_name(set(), like)
+        name = fatpaths.new_temp_name(set(), like)
         assert re.fullmatch(r"[A-Za-z]{3}\d{5}\.[A-Za-z]{3}", name)
         assert TEMP_NAME_RE.fullmatch(name)
-    assert fat._new_temp_name(set(), "config.txt").islower()
-    assert fat._new_temp_name(set(), "CONFIG.TXT").isupper()
+    assert fatpaths.new_temp_name(set(), "config.txt").islower()
+    assert fatpaths.new_temp_name(set(), "CONFIG.TXT").isupper()
 
 
 # --------------------------------------------------------------------------------------------------- directory

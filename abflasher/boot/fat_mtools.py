@@ -1,0 +1,313 @@
+"""A FAT file system that is not mounted, reached with mtools on a block device or an image at a byte offset.
+
+Every operation is an mtools command on the device, or on a disk image at a byte offset (``-i DEV@@OFFSET``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from abflasher import errors
+from abflasher.boot.fatpaths import (
+    SECTOR,
+    TEMP_NAME_RE,
+    check_read_back,
+    file_parts,
+    first_difference,
+    join_path,
+    local_source,
+    new_temp_name,
+    split_path,
+)
+
+MTOOLS_TIMEOUT = 120.0
+_NOT_FOUND_RE = re.compile(r'File ".*" not found')
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    is_dir: bool
+
+
+class MtoolsVolume:
+    """A FAT file system that is not mounted, reached with mtools on a block device or an image at a byte offset.
+
+    Each call runs one or a few mtools commands; mtools writes straight to the device (no cache of its own), and
+    after each change the device is fsynced so the data has left the page cache before the next step relies on it.
+    """
+
+    def __init__(self, device: str, offset: int = 0, *, timeout: float = MTOOLS_TIMEOUT) -> None:
+        if offset < 0 or offset % SECTOR:
+            raise errors.InvalidArgument(f"FAT offset {offset} must be a non-negative multiple of {SECTOR} bytes")
+        self.device = os.fspath(device)
+        self.offset = offset
+        self.timeout = timeout
+        where = f"at byte {offset} of {self.device}" if offset else f"on {self.device}"
+        self.description = f"FAT file system {where}"
+
+    # ----------------------------------------------------------------------------------------------- running
+
+    def _image(self) -> str:
+        return f"{self.device}@@{self.offset}" if self.offset else self.device
+
+    def _run(self, tool: str, *args: str) -> bytes:
+        """Run an mtools command on this volume and return its output; DeviceError with mtools' message if it fails."""
+        proc = self._call(tool, *args)
+        if proc.returncode != 0:
+            raise errors.DeviceError(f"{tool} on {self.description} failed: {self._message(proc)}")
+        return proc.stdout
+
+    def _run_unless_missing(self, tool: str, *args: str) -> bytes | None:
+        """Like `_run`, but None when the command failed only because the path it was given does not exist."""
+        proc = self._call(tool, *args)
+        if proc.returncode == 0:
+            return proc.stdout
+        message = self._message(proc)
+        if _NOT_FOUND_RE.search(message):
+            return None
+        raise errors.DeviceError(f"{tool} on {self.description} failed: {message}")
+
+    def _call(self, tool: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+        env = {
+            **os.environ,
+            # mtools would otherwise refuse geometries no floppy ever had, and read a user's ~/.mtoolsrc.
+            "MTOOLS_SKIP_CHECK": "1",
+            "MTOOLSRC": os.devnull,
+            "LC_ALL": "C.UTF-8",
+        }
+        try:
+            return subprocess.run([tool, "-i", self._image(), *args], capture_output=True, env=env,
+                                  timeout=self.timeout, check=False, stdin=subprocess.DEVNULL)
+        except FileNotFoundError as exc:
+            raise errors.DeviceError(f"{tool} is not installed: install the mtools package") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise errors.DeviceError(f"{tool} on {self.description} did not finish in {self.timeout:.0f} s") from exc
+
+    @staticmethod
+    def _message(proc: subprocess.CompletedProcess[bytes]) -> str:
+        lines = [line.strip() for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
+        message = "; ".join(lines) or f"exit code {proc.returncode}"
+        if "Cannot initialize" in message:
+            message += " (is there a FAT file system at that device and offset?)"
+        return message
+
+    def _discard(self, tool: str, path: str) -> None:
+        """Best-effort removal of a temp entry while another error is on its way up."""
+        with suppress(errors.DeviceError):
+            self._run_unless_missing(tool, path)
+
+    @staticmethod
+    def _mpath(parts: Sequence[str]) -> str:
+        return "::/" + "/".join(parts)
+
+    def _sync(self) -> None:
+        """Flush what mtools wrote out of the page cache to the medium."""
+        try:
+            fd = os.open(self.device, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise errors.DeviceError(f"flushing {self.device} failed: {exc.strerror or exc}") from exc
+
+    def _entries(self, parts: Sequence[str]) -> dict[str, _Entry] | None:
+        """Folder ``parts`` by lower-cased name, or None if it does not exist or is a file."""
+        target = self._mpath(parts)
+        listing = self._run_unless_missing("mdir", "-a", "-b", target)
+        if listing is None:
+            return None
+        prefix = target.rstrip("/") + "/"
+        entries: dict[str, _Entry] = {}
+        for line in listing.decode(errors="surrogateescape").splitlines():
+            if not line.startswith(prefix):
+                # `mdir -b` on a file prints the file itself instead of a listing.
+                return None
+            name = line[len(prefix):]
+            entry = _Entry(name.rstrip("/"), name.endswith("/"))
+            entries[entry.name.lower()] = entry
+        return entries
+
+    def _lookup(self, parts: Sequence[str]) -> _Entry | None:
+        if not parts:
+            return _Entry("", True)
+        entries = self._entries(parts[:-1])
+        return None if entries is None else entries.get(parts[-1].lower())
+
+    def _require_entries(self, parts: Sequence[str], purpose: str) -> dict[str, _Entry]:
+        entries = self._entries(parts)
+        if entries is None:
+            raise errors.DeviceError(f"there is no folder {join_path(parts)} on {self.description}{purpose}")
+        return entries
+
+    def _prepare_parent(self, parts: Sequence[str]) -> dict[str, _Entry]:
+        entries = self._entries(parts[:-1])
+        if entries is None:
+            self.makedirs(join_path(parts[:-1]))
+            entries = self._require_entries(parts[:-1], "")
+        return entries
+
+    # ----------------------------------------------------------------------------------------------- interface
+
+    def read(self, path: str) -> bytes | None:
+        parts = file_parts(path)
+        entry = self._lookup(parts)
+        if entry is None:
+            return None
+        if entry.is_dir:
+            raise errors.DeviceError(f"{join_path(parts)} is a folder on {self.description}, not a file")
+        return self._run_unless_missing("mtype", self._mpath(parts))
+
+    def exists(self, path: str) -> bool:
+        return self._lookup(split_path(path)) is not None
+
+    def listdir(self, path: str = "/") -> list[str]:
+        parts = split_path(path)
+        entries = self._require_entries(parts, "")
+        return sorted((entry.name for entry in entries.values()), key=lambda name: (name.lower(), name))
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        parts = file_parts(path)
+        where = join_path(parts)
+        entries = self._prepare_parent(parts)
+        existing = entries.get(parts[-1].lower())
+        if existing is not None and existing.is_dir:
+            # mren would move the temp file *into* that folder.
+            raise errors.DeviceError(f"{where} is a folder on {self.description}: refusing to replace it")
+        target = [*parts[:-1], existing.name if existing else parts[-1]]
+        temp = [*parts[:-1], new_temp_name(set(entries), target[-1])]
+        with tempfile.TemporaryDirectory(prefix="abflasher-fat-") as staging:
+            local = Path(staging) / "data"
+            local.write_bytes(data)
+            try:
+                self._run("mcopy", "-o", str(local), self._mpath(temp))
+                self._sync()
+            except BaseException:
+                self._discard("mdel", self._mpath(temp))
+                raise
+        # `mren -D o` deletes the old entry and renames the temp one within one mtools process: the only moment the
+        # target is missing is between those two directory writes (see the module docstring).
+        try:
+            self._run("mren", "-D", "o", self._mpath(temp), self._mpath(target))
+        except BaseException:
+            self._discard("mdel", self._mpath(temp))
+            raise
+        self._sync()
+        check_read_back(where, self.description, data, self._run("mtype", self._mpath(target)))
+
+    def remove(self, path: str) -> None:
+        parts = file_parts(path)
+        entry = self._lookup(parts)
+        if entry is None:
+            return
+        if entry.is_dir:
+            raise errors.DeviceError(f"{join_path(parts)} is a folder on {self.description}: use remove_tree")
+        self._run_unless_missing("mdel", self._mpath(parts))
+        self._sync()
+
+    def makedirs(self, path: str) -> None:
+        parts = split_path(path)
+        created = False
+        for depth in range(1, len(parts) + 1):
+            entry = self._lookup(parts[:depth])
+            if entry is None:
+                self._run("mmd", self._mpath(parts[:depth]))
+                created = True
+            elif not entry.is_dir:
+                raise errors.DeviceError(f"{join_path(parts[:depth])} is a file on {self.description}, "
+                                         f"so folder {join_path(parts)} cannot be created")
+        if created:
+            self._sync()
+
+    def remove_tree(self, path: str) -> None:
+        parts = split_path(path)
+        if not parts:
+            raise errors.InvalidArgument(f"refusing to remove the whole of {self.description}")
+        entry = self._lookup(parts)
+        if entry is None:
+            return
+        self._run_unless_missing("mdeltree" if entry.is_dir else "mdel", self._mpath(parts))
+        self._sync()
+
+    def export_tree(self, src_dir: str, dest: Path) -> None:
+        parts = split_path(src_dir)
+        entries = self._require_entries(parts, " to copy")
+        try:
+            Path(dest).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise errors.DeviceError(f"cannot create {dest}: {exc.strerror or exc}") from exc
+        if entries:
+            sources = [self._mpath([*parts, entry.name]) for entry in sorted(entries.values(), key=lambda e: e.name)]
+            self._run("mcopy", "-s", "-n", "-m", "-Q", *sources, str(dest) + "/")
+
+    def import_tree(self, src: Path, dest_dir: str) -> None:
+        source = local_source(src)
+        parts = split_path(dest_dir)
+        if not parts:
+            self._replace_root(source)
+            return
+        entries = self._prepare_parent(parts)
+        existing = entries.get(parts[-1].lower())
+        target = [*parts[:-1], existing.name if existing else parts[-1]]
+        temp = [*parts[:-1], new_temp_name(set(entries), target[-1])]
+        try:
+            self._run("mmd", self._mpath(temp))
+            self._copy_in(source, temp)
+        except BaseException:
+            self._discard("mdeltree", self._mpath(temp))
+            raise
+        # From here the old folder is gone until the rename: a crash leaves it missing (the temp copy is removed as
+        # debris on the next start) and the caller writes it again.
+        if existing is not None:
+            self._run_unless_missing("mdeltree" if existing.is_dir else "mdel", self._mpath(target))
+        self._run("mren", self._mpath(temp), self._mpath(target))
+        self._sync()
+
+    def _copy_in(self, source: Path, folder: Sequence[str]) -> None:
+        """Copy the contents of local ``source`` into existing (empty) ``folder``, flush, and verify by reading back."""
+        children = sorted(str(child) for child in source.iterdir() if child.is_dir() or child.is_file())
+        if children:
+            self._run("mcopy", "-s", "-o", "-m", "-Q", *children, self._mpath(folder).rstrip("/") + "/")
+        self._sync()
+        with tempfile.TemporaryDirectory(prefix="abflasher-fat-") as staging:
+            readback = Path(staging) / "tree"
+            self.export_tree(join_path(folder), readback)
+            difference = first_difference(source, readback)
+        if difference is not None:
+            raise errors.DeviceError(f"the copy of {source} on {self.description} reads back different "
+                                     f"({difference}): the medium may be failing")
+
+    def _replace_root(self, source: Path) -> None:
+        for entry in self._require_entries([], "").values():
+            self._run_unless_missing("mdeltree" if entry.is_dir else "mdel", self._mpath([entry.name]))
+        self._copy_in(source, [])
+
+    def cleanup_stale_temp(self) -> list[str]:
+        listing = self._run("mdir", "-/", "-a", "-b", "::/")
+        stale: list[tuple[str, bool]] = []
+        for line in listing.decode(errors="surrogateescape").splitlines():
+            if not line.startswith("::/"):
+                continue
+            relative = line[len("::/"):]
+            is_dir = relative.endswith("/")
+            names = relative.rstrip("/").split("/")
+            if not TEMP_NAME_RE.fullmatch(names[-1]):
+                continue
+            # Inside a stale temp folder: goes with it.
+            if any(TEMP_NAME_RE.fullmatch(name) for name in names[:-1]):
+                continue
+            stale.append(("/" + "/".join(names), is_dir))
+        for path, is_dir in stale:
+            self._run_unless_missing("mdeltree" if is_dir else "mdel", "::" + path)
+        if stale:
+            self._sync()
+        return sorted(path for path, _ in stale)
+
