@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import threading
@@ -719,30 +718,17 @@ class Updater:
         return version
 
     def _fstab_for(self, system: _System, target: Slot, image_fstab: str) -> str:
-        """The new root's fstab: ``/`` and ``/boot/firmware`` on the target's own partitions; other partitions of
-        the disk the image was built on renamed to this disk (as Raspberry Pi OS does when the disk id changes);
-        and the device's data partition mounted as the running system mounts it, if the image does not."""
-        fstab = bootfiles.set_fstab_mounts(
-            image_fstab, root=f"PARTUUID={target.root_partuuid}", boot=f"PARTUUID={target.boot_partuuid}"
-        )
-        table = system.layout.table
-        if table.label == "dos":
-            disk_id = table.ptuuid
-            fstab = re.sub(
-                r"(?i)\bPARTUUID=(?!" + disk_id + r")[0-9a-f]{8}-([0-9a-f]{2})\b",
-                lambda match: f"PARTUUID={disk_id}-{match.group(1).lower()}",
-                fstab,
-            )
+        """The new root's fstab: its own root and boot partitions, and the data partition where the running system
+        mounts it (by role, never by partition number: the image may come from the other layout)."""
         data = system.layout.data_partition
-        if data is not None:
-            data_spec = f"PARTUUID={table.partition(data).partuuid}"
-            if data_spec.lower() not in fstab.lower():
-                running = _read_or_none(Path(self.config.root_path, "etc", "fstab"))
-                for line in (running or b"").decode("utf-8", "replace").splitlines():
-                    if line.split()[:1] and line.split()[0].lower() == data_spec.lower():
-                        fstab = fstab.rstrip("\n") + "\n" + line + "\n"
-                        break
-        return fstab
+        running = _read_or_none(Path(self.config.root_path, "etc", "fstab")) or b""
+        return bootfiles.fstab_for_slot(
+            image_fstab,
+            running.decode("utf-8", "replace"),
+            root=f"PARTUUID={target.root_partuuid}",
+            boot=f"PARTUUID={target.boot_partuuid}",
+            data=f"PARTUUID={system.layout.table.partition(data).partuuid}" if data is not None else None,
+        )
 
     # ----------------------------------------------------------------------------------------------- booting
 
@@ -805,6 +791,8 @@ class Updater:
             self._reject(system, "rejected")
 
     def _reject(self, system: _System, why: str) -> None:
+        # A stray tryboot must not start the rejected slot again.
+        system.boot.disarm()
         with self.state.edit() as state:
             state["slots"].setdefault(system.booted.name, {})["state"] = "bad"
             state["slots"][system.booted.name].setdefault("installed", {})["result"] = why
@@ -944,6 +932,11 @@ class Updater:
             if system.booted.name == system.primary:
                 state["slots"].setdefault(system.booted.name, {})["state"] = "good"
             state["primary"] = system.primary
+            pending = bool(state.get("trial"))
+        if not pending:
+            # Nothing waits for a trial (or it fell back): a stray tryboot must start the committed slot. Devices
+            # set up by hand, or by older versions, arrive with a trial of the other slot armed.
+            system.boot.disarm()
         return BootCheckResult(False, False, message)
 
 

@@ -403,14 +403,7 @@ def set_fstab_mounts(
         _check_value(boot, "the boot fs_spec")
     if not boot_mountpoint.startswith("/"):
         raise BootFileError(f"boot mount point {boot_mountpoint!r} must be an absolute path")
-    lines = _split_lines(text)
-    entries: list[tuple[int, list[tuple[int, int]], str]] = []
-    for index, (content, _) in enumerate(lines):
-        fields = _fstab_fields(content)
-        if fields and len(fields) >= 2:
-            mount_point = _normal_mountpoint(_fstab_unescape(content[fields[1][0]:fields[1][1]]))
-            entries.append((index, fields, mount_point))
-
+    entries = _fstab_entries(_split_lines(text))
     wanted: dict[str, str] = {"/": root}
     if boot is not None:
         mount_points = {mount_point for _, _, mount_point in entries}
@@ -418,14 +411,54 @@ def set_fstab_mounts(
         if boot_target not in mount_points and LEGACY_BOOT_MOUNTPOINT in mount_points:
             boot_target = LEGACY_BOOT_MOUNTPOINT
         wanted[boot_target] = boot
-    for index, fields, mount_point in entries:
+    text = _set_specs(text, wanted)
+    if not any(mount_point == "/" for _, _, mount_point in entries):
+        lines = _split_lines(text)
+        insert_at = entries[0][0] if entries else len(lines)
+        text = _join_lines(_insert_lines(lines, insert_at, [f"{root} / ext4 defaults,noatime 0 1"]))
+    return text
+
+
+def _fstab_entries(lines: list[_Line]) -> list[tuple[int, list[tuple[int, int]], str]]:
+    """(line index, field spans, normalized mount point) of each entry line."""
+    entries: list[tuple[int, list[tuple[int, int]], str]] = []
+    for index, (content, _) in enumerate(lines):
+        fields = _fstab_fields(content)
+        if fields and len(fields) >= 2:
+            entries.append((index, fields, _normal_mountpoint(_fstab_unescape(content[fields[1][0]:fields[1][1]]))))
+    return entries
+
+
+def _set_specs(text: str, wanted: dict[str, str]) -> str:
+    lines = _split_lines(text)
+    for index, fields, mount_point in _fstab_entries(lines):
         if mount_point in wanted:
             content, ending = lines[index]
             lines[index] = (_replace_spec(content, fields, wanted[mount_point]), ending)
-    if not any(mount_point == "/" for _, _, mount_point in entries):
-        insert_at = entries[0][0] if entries else len(lines)
-        lines = _insert_lines(lines, insert_at, [f"{root} / ext4 defaults,noatime 0 1"])
     return _join_lines(lines)
+
+
+def fstab_for_slot(image_fstab: str, running_fstab: str, *, root: str, boot: str | None, data: str | None) -> str:
+    """A freshly written root's fstab, every partition of this disk named by its role, never by its number.
+
+    ``/`` gets ``root`` and the boot mount point ``boot`` (`set_fstab_mounts`). The data partition (``data``, its
+    fs_spec) is where the running system mounts it: the image's entry for that mount point gets ``data`` (an image
+    built on another disk, or for the other layout, numbers its partitions differently), and an image without one
+    gets the running system's line. A running system that does not mount ``data`` adds nothing.
+    """
+    fstab = set_fstab_mounts(image_fstab, root=root, boot=boot)
+    if data is None:
+        return fstab
+    running = _split_lines(running_fstab)
+    data_entry = next(((index, mount_point) for index, fields, mount_point in _fstab_entries(running)
+                       if running[index][0][fields[0][0]:fields[0][1]].lower() == data.lower()), None)
+    if data_entry is None:
+        return fstab
+    index, mount_point = data_entry
+    if mount_point in fstab_mounts(fstab):
+        return _set_specs(fstab, {mount_point: data})
+    lines = _split_lines(fstab)
+    return _join_lines(_insert_lines(lines, len(lines), [running[index][0]]))
 
 
 # --------------------------------------------------------------------------------------------------- .ab_version

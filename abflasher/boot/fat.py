@@ -59,6 +59,15 @@ class FatVolume(Protocol):
         """Replace (or create) file ``path`` with ``data`` via a flushed temp file; parent folders are created."""
         ...
 
+    def write_in_place(self, path: str, data: bytes) -> int:
+        """Rewrite existing file ``path`` with ``data`` of the same size, keeping its clusters and directory entry.
+
+        Only the 512-byte sectors that differ are written, in ascending order, each flushed to the medium before the
+        next; the result is read back and compared. Returns how many sectors were written (0: already so, nothing
+        written). DeviceError if the file is missing, is a folder or has another size.
+        """
+        ...
+
     def remove(self, path: str) -> None:
         """Delete file ``path``; a missing file is fine, a folder is an error."""
         ...

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from abflasher import errors
 from abflasher.boot.fatpaths import (
+    SECTOR,
     TEMP_NAME_RE,
+    changed_sectors,
     check_read_back,
     file_parts,
     first_difference,
@@ -147,6 +149,27 @@ class DirectoryVolume:
                 raise
             self._fsync_dir(parent)
             check_read_back(where, self.description, data, target.read_bytes())
+
+    def write_in_place(self, path: str, data: bytes) -> int:
+        parts = file_parts(path)
+        where = join_path(parts)
+        found = self._resolve(parts)
+        if found is None or found.is_dir():
+            raise errors.DeviceError(f"there is no file {where} on {self.description} to rewrite in place")
+        with self._os_errors(f"rewriting {where} in place"):
+            # No O_TRUNC: the file keeps its size and clusters; only the changed sectors reach the medium.
+            changed = changed_sectors(where, self.description, found.read_bytes(), data)
+            fd = os.open(found, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                for index in changed:
+                    start = index * SECTOR
+                    os.pwrite(fd, data[start:start + SECTOR], start)
+                    # One sector on the medium before the next is written: the order is what makes it safe.
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            check_read_back(where, self.description, data, found.read_bytes())
+        return len(changed)
 
     def remove(self, path: str) -> None:
         parts = file_parts(path)

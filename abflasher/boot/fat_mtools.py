@@ -18,6 +18,7 @@ from abflasher import errors
 from abflasher.boot.fatpaths import (
     SECTOR,
     TEMP_NAME_RE,
+    changed_sectors,
     check_read_back,
     file_parts,
     first_difference,
@@ -29,6 +30,44 @@ from abflasher.boot.fatpaths import (
 
 MTOOLS_TIMEOUT = 120.0
 _NOT_FOUND_RE = re.compile(r'File ".*" not found')
+_CLUSTER_RUN_RE = re.compile(r"<(\d+)(?:-(\d+))?>")
+
+
+@dataclass(frozen=True)
+class FatGeometry:
+    """Where a FAT file system keeps file data, from its boot sector (the BIOS parameter block)."""
+
+    cluster_bytes: int
+    data_start: int  # byte offset of cluster 2 from the start of the file system
+
+    @classmethod
+    def from_boot_sector(cls, boot: bytes, description: str) -> FatGeometry:
+        if len(boot) < SECTOR or boot[510:512] != b"\x55\xaa":
+            raise errors.DeviceError(f"{description} has no FAT boot sector")
+        sector_bytes = int.from_bytes(boot[11:13], "little")
+        sectors_per_cluster = boot[13]
+        reserved = int.from_bytes(boot[14:16], "little")
+        fats = boot[16]
+        root_entries = int.from_bytes(boot[17:19], "little")
+        fat_sectors = int.from_bytes(boot[22:24], "little") or int.from_bytes(boot[36:40], "little")
+        if sector_bytes not in (512, 1024, 2048, 4096) or not sectors_per_cluster or not fats or not fat_sectors:
+            raise errors.DeviceError(f"{description} has an unusable FAT boot sector")
+        root_sectors = (root_entries * 32 + sector_bytes - 1) // sector_bytes
+        first_data_sector = reserved + fats * fat_sectors + root_sectors
+        return cls(sectors_per_cluster * sector_bytes, first_data_sector * sector_bytes)
+
+    def cluster_offset(self, cluster: int) -> int:
+        return self.data_start + (cluster - 2) * self.cluster_bytes
+
+
+def parse_cluster_chain(listing: str) -> list[int]:
+    """The clusters of a file, in order, from `mshowfat`'s ``<2> <4-5>`` runs."""
+    clusters: list[int] = []
+    for match in _CLUSTER_RUN_RE.finditer(listing):
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else first
+        clusters.extend(range(first, last + 1))
+    return clusters
 
 
 @dataclass(frozen=True)
@@ -202,6 +241,41 @@ class MtoolsVolume:
             raise
         self._sync()
         check_read_back(where, self.description, data, self._run("mtype", self._mpath(target)))
+
+    def write_in_place(self, path: str, data: bytes) -> int:
+        parts = file_parts(path)
+        where = join_path(parts)
+        entry = self._lookup(parts)
+        if entry is None or entry.is_dir:
+            raise errors.DeviceError(f"there is no file {where} on {self.description} to rewrite in place")
+        changed = changed_sectors(where, self.description, self._run("mtype", self._mpath(parts)), data)
+        if not changed:
+            return 0
+        # mtools has no in-place write: it finds the clusters (mshowfat) and the data area (the boot sector), and
+        # the sectors are written here, straight to the device, so the FAT and the directory are never touched.
+        clusters = parse_cluster_chain(self._run("mshowfat", self._mpath(parts)).decode(errors="replace"))
+        try:
+            fd = os.open(self.device, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise errors.DeviceError(f"opening {self.device} to rewrite {where} failed: {exc.strerror}") from exc
+        try:
+            geometry = FatGeometry.from_boot_sector(os.pread(fd, SECTOR, self.offset), self.description)
+            if len(clusters) * geometry.cluster_bytes < len(data):
+                raise errors.DeviceError(f"{where} on {self.description} has fewer clusters than its size needs: "
+                                         "run fsck.vfat on it")
+            for index in changed:
+                start = index * SECTOR
+                cluster = clusters[start // geometry.cluster_bytes]
+                position = self.offset + geometry.cluster_offset(cluster) + start % geometry.cluster_bytes
+                os.pwrite(fd, data[start:start + SECTOR], position)
+                # One sector on the medium before the next is written: the order is what makes it safe.
+                os.fsync(fd)
+        except OSError as exc:
+            raise errors.DeviceError(f"rewriting {where} on {self.description} failed: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        check_read_back(where, self.description, data, self._run("mtype", self._mpath(parts)))
+        return len(changed)
 
     def remove(self, path: str) -> None:
         parts = file_parts(path)

@@ -100,3 +100,17 @@ def local_source(src: Path) -> Path:
         raise errors.InvalidArgument(f"{src} is not a directory: import_tree copies a local directory")
     return src
 
+
+def changed_sectors(where: str, description: str, old: bytes, new: bytes) -> list[int]:
+    """Indexes of the 512-byte sectors of a file that differ between ``old`` and ``new``, for an in-place rewrite.
+
+    An in-place rewrite keeps the file's size (its directory entry) and clusters (the FAT) as they are, so only data
+    sectors change; a new size cannot be written that way.
+    """
+    if len(old) != len(new):
+        raise errors.DeviceError(
+            f"{where} on {description} is {len(old)} bytes: it cannot be rewritten in place with {len(new)} bytes"
+        )
+    return [index for index in range((len(new) + SECTOR - 1) // SECTOR)
+            if old[index * SECTOR:(index + 1) * SECTOR] != new[index * SECTOR:(index + 1) * SECTOR]]
+

@@ -1,9 +1,10 @@
 """Raspberry Pi firmware boot control: the ``prefix`` (os_prefix + tryboot.txt) and ``autoboot`` layouts.
 
-Every edit of a file the firmware reads goes through ``FatVolume.write_atomic`` (8.3 temp name, fsync, rename,
-fsync the directory, re-read and compare). The running slot's boot files are never written: ``install_boot_files``
-only reads them, and ``set_trial`` only touches ``tryboot.txt`` (prefix) or the ``[tryboot]`` line of
-``autoboot.txt`` (autoboot), which the firmware reads only with the one-shot tryboot flag set.
+Every change of a file the firmware reads to choose a slot (config.txt, tryboot.txt, autoboot.txt) is an in-place
+rewrite of the same size (``FatVolume.write_in_place``, `slotswitch`), so a power cut leaves the old file or the
+new one, never a torn one: docs/boot-atomicity.md has the argument step by step. The running slot's boot files are
+never written: ``install_boot_files`` only reads them. When no trial is armed, a tryboot starts the primary:
+``tryboot.txt`` (prefix) and the ``[tryboot]`` entry of ``autoboot.txt`` (autoboot) name the committed slot.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from abflasher import errors
-from abflasher.boot import bootfiles
+from abflasher.boot import bootfiles, slotswitch
 from abflasher.boot.base import Bootloader
 from abflasher.boot.fat import FatVolume, open_volume
 from abflasher.disk.slots import DiskLayout, Slot
@@ -123,20 +124,34 @@ class PrefixBoot(_PiBoot):
         assert prefix is not None
         return prefix
 
+    def _tryboot(self) -> str:
+        """tryboot.txt as it is, created in ab-flasher's form (trying the primary) if it is missing.
+
+        Creating a file that is not there is safe as it is: until the new entry is complete, a trial boot finds no
+        tryboot.txt, exactly as before the write.
+        """
+        text = self._read_text(self.firmware, TRYBOOT_TXT)
+        if text is None:
+            text = slotswitch.render_tryboot(self._prefix(self.primary()))
+            self.firmware.write_atomic(TRYBOOT_TXT, text.encode())
+        return text
+
+    def _switch(self, name: str, text: str, prefix: str) -> None:
+        changed = slotswitch.set_os_prefix_in_place(text, prefix, name)
+        if changed != text:
+            self.firmware.write_in_place(name, changed.encode())
+
     def set_trial(self, slot: str) -> None:
-        # tryboot.txt replaces config.txt for one boot, so it is a full copy with the other prefix.
-        text = bootfiles.set_config_os_prefix(self._config(), self._prefix(slot))
-        self.firmware.write_atomic(TRYBOOT_TXT, text.encode())
+        self._config()
+        self._switch(TRYBOOT_TXT, self._tryboot(), self._prefix(slot))
 
     def disarm(self) -> None:
-        if self.trial_slot() not in (None, self.primary()):
-            self.set_trial(self.primary())
+        self.set_trial(self.primary())
 
     def commit(self, slot: str) -> None:
-        text = bootfiles.set_config_os_prefix(self._config(), self._prefix(slot))
-        self.firmware.write_atomic(CONFIG_TXT, text.encode())
-        # A later stray `reboot '0 tryboot'` then boots the committed slot instead of an old trial.
-        self.firmware.write_atomic(TRYBOOT_TXT, text.encode())
+        # config.txt first: in between, a trial boot starts the old primary, a good slot.
+        self._switch(CONFIG_TXT, self._config(), self._prefix(slot))
+        self._switch(TRYBOOT_TXT, self._tryboot(), self._prefix(slot))
 
     def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
         folder = self._prefix(target.name)
@@ -153,16 +168,27 @@ class PrefixBoot(_PiBoot):
     def repair(self, primary_hint: str | None) -> list[str]:
         repaired = [f"removed stale {name}" for name in self.firmware.cleanup_stale_temp()]
         config = self._read_text(self.firmware, CONFIG_TXT)
+        tryboot = self._read_text(self.firmware, TRYBOOT_TXT)
         if config is None:
-            backup = self._read_text(self.firmware, TRYBOOT_TXT)
-            if backup is not None and primary_hint is not None:
-                text = bootfiles.set_config_os_prefix(backup, self._prefix(primary_hint))
-                self.firmware.write_atomic(CONFIG_TXT, text.encode())
-                repaired.append(f"rebuilt {CONFIG_TXT} from {TRYBOOT_TXT} with os_prefix={self._prefix(primary_hint)}")
-        elif self.firmware.read(TRYBOOT_TXT) is None:
+            # ab-flasher never replaces config.txt, so it was lost some other way; a tryboot.txt of the old form is
+            # a full copy of it to rebuild from.
+            if tryboot is None or slotswitch.is_own_tryboot(tryboot) or primary_hint is None:
+                raise errors.Incompatible(f"{self.firmware.description} has no {CONFIG_TXT}, and nothing to "
+                                          "rebuild it from: restore it (with os_prefix=a/ or b/)")
+            text = bootfiles.set_config_os_prefix(tryboot, self._prefix(primary_hint))
+            self.firmware.write_atomic(CONFIG_TXT, text.encode())
+            repaired.append(f"rebuilt {CONFIG_TXT} from {TRYBOOT_TXT} with os_prefix={self._prefix(primary_hint)}")
+            return repaired
+        if tryboot is None:
             # Without tryboot.txt a stray `reboot '0 tryboot'` finds no kernel and hangs until the watchdog.
-            self.firmware.write_atomic(TRYBOOT_TXT, config.encode())
-            repaired.append(f"created {TRYBOOT_TXT} as a copy of {CONFIG_TXT}")
+            self._tryboot()
+            repaired.append(f"created {TRYBOOT_TXT} trying the primary slot")
+        elif not slotswitch.is_own_tryboot(tryboot) and \
+                bootfiles.config_os_prefix(tryboot) == bootfiles.config_os_prefix(config):
+            migrated = slotswitch.tryboot_in_place_of(tryboot, bootfiles.config_os_prefix(config) or "")
+            if migrated is not None:
+                self.firmware.write_in_place(TRYBOOT_TXT, migrated.encode())
+                repaired.append(f"{TRYBOOT_TXT} now includes {CONFIG_TXT} instead of copying it")
         return repaired
 
 
@@ -196,26 +222,27 @@ class AutobootBoot(_PiBoot):
         assert number is not None
         return number
 
-    def _write(self, primary: str, trial: str) -> None:
-        text = bootfiles.render_autoboot(self._boot_partition(primary), self._boot_partition(trial))
-        self.firmware.write_atomic(AUTOBOOT_TXT, text.encode())
+    def _switch(self, primary: str, trial: str) -> None:
+        text = self._read_text(self.firmware, AUTOBOOT_TXT)
+        if text is None:
+            raise errors.Incompatible(f"{self.firmware.description} has no {AUTOBOOT_TXT}")
+        changed = slotswitch.set_autoboot_in_place(text, self._boot_partition(primary), self._boot_partition(trial))
+        if changed != text:
+            self.firmware.write_in_place(AUTOBOOT_TXT, changed.encode())
 
     def set_trial(self, slot: str) -> None:
-        config = self._autoboot()
         primary = self.primary()
         if slot == primary:
             raise errors.InvalidArgument(f"slot {slot} is already the primary; there is nothing to try")
-        if config.tryboot_a_b and config.tryboot_partition == self._boot_partition(slot):
-            return
-        self._write(primary, slot)
+        self._switch(primary, slot)
 
     def commit(self, slot: str) -> None:
-        self._write(slot, self.layout.other(slot).name)
+        # One sector: the new primary, and a trial boot that starts it too (disarmed).
+        self._switch(slot, slot)
 
     def disarm(self) -> None:
-        # set_trial refuses the primary itself; rewriting the canonical file keeps [tryboot] on the other slot.
-        if self.trial_slot() not in (None, self.primary()):
-            self.commit(self.primary())
+        primary = self.primary()
+        self._switch(primary, primary)
 
     def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
         device = self.layout.node(self._boot_partition(target.name))
@@ -252,7 +279,9 @@ class AutobootBoot(_PiBoot):
             problem = str(exc)
         if primary_hint is None:
             raise errors.Incompatible(f"{problem}, and no recorded primary slot to rebuild it from")
-        self._write(primary_hint, self.layout.other(primary_hint).name)
+        # The firmware cannot use what is there now, so replacing it loses nothing even if the write is torn.
+        number = self._boot_partition(primary_hint)
+        self.firmware.write_atomic(AUTOBOOT_TXT, bootfiles.render_autoboot(number, number).encode())
         repaired.append(f"rebuilt {AUTOBOOT_TXT} with slot {primary_hint} primary ({problem})")
         return repaired
 
