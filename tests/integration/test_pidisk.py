@@ -71,7 +71,8 @@ def test_prefix_disk_trial_boots_slot_b_with_tryboot_txt_and_flag(tmp_path: Path
 
 
 def test_autoboot_disk_boots_p2_then_trial_p3(tmp_path: Path) -> None:
-    disk = build_pi_disk(tmp_path / "disk.img", "autoboot", version_a="1.0.0", version_b="2.0.0")
+    disk = build_pi_disk(tmp_path / "disk.img", "autoboot", version_a="1.0.0", version_b="2.0.0",
+                         switch_files="legacy")
     assert fat_list(disk.path, disk.by_role("autoboot").offset) == ["autoboot.txt"]
     image = ImageDisk(disk.path)
     normal = decide_boot(image)
@@ -86,7 +87,8 @@ def test_autoboot_disk_boots_p2_then_trial_p3(tmp_path: Path) -> None:
 
 
 def test_autoboot_disk_with_primary_b(tmp_path: Path) -> None:
-    disk = build_pi_disk(tmp_path / "disk.img", "autoboot", version_a="1.0.0", version_b="2.0.0", primary="b")
+    disk = build_pi_disk(tmp_path / "disk.img", "autoboot", version_a="1.0.0", version_b="2.0.0", primary="b",
+                         switch_files="legacy")
     text = fat_read(disk.path, disk.by_role("autoboot").offset, "autoboot.txt").decode()
     assert text == "[all]\ntryboot_a_b=1\nboot_partition=3\n[tryboot]\nboot_partition=2\n"
     image = ImageDisk(disk.path)
@@ -94,7 +96,7 @@ def test_autoboot_disk_with_primary_b(tmp_path: Path) -> None:
 
 
 def test_autoboot_trial_of_unbootable_slot_hangs_once_then_falls_back(tmp_path: Path) -> None:
-    disk = build_pi_disk(tmp_path / "disk.img", "autoboot", slot_b_boot_files=False)
+    disk = build_pi_disk(tmp_path / "disk.img", "autoboot", slot_b_boot_files=False, switch_files="legacy")
     device = PiDevice(disk.path)
     with pytest.raises(NoBootablePartition) as caught:
         device.reboot_with_argument("0 tryboot")
@@ -179,7 +181,8 @@ def test_build_root_image(tmp_path: Path) -> None:
 def test_fat_helpers(tmp_path: Path) -> None:
     disk = build_pi_disk(tmp_path / "disk.img", "prefix")
     offset = disk.by_role("boot").offset
-    assert sorted(fat_list(disk.path, offset)) == ["a/", "b/", "config.txt", "fixup4.dat", "start4.elf"]
+    assert sorted(fat_list(disk.path, offset)) == ["a/", "b/", "config.txt", "fixup4.dat", "start4.elf",
+                                                  "tryboot.txt"]
     fat_write(disk.path, offset, "deep/er/file.txt", b"one")
     fat_write(disk.path, offset, "deep/er/file.txt", "two")
     assert fat_read(disk.path, offset, "/DEEP/ER/FILE.TXT") == b"two"

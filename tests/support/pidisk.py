@@ -25,12 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from abflasher.boot.slotswitch import render_tryboot
+
 SECTOR = 512
 MIB = 1024 * 1024
 ALIGN_SECTORS = MIB // SECTOR
 
 Layout = Literal["prefix", "autoboot"]
 Slot = Literal["a", "b"]
+SwitchFiles = Literal["disarmed", "legacy"]
 SLOTS: tuple[Slot, Slot] = ("a", "b")
 
 DEFAULT_SIGNATURE = 0x1234ABCD
@@ -396,12 +399,18 @@ def build_pi_disk(
     autoboot_mb: int = 8,
     slot_b_boot_files: bool = True,
     root_extra_files: Mapping[str, bytes | str] | None = None,
+    switch_files: SwitchFiles = "disarmed",
 ) -> PiDisk:
     """Write a simulated Pi disk image to ``path`` and describe it.
 
     A slot whose version is None has an all-zero root partition (never written). ``slot_b_boot_files=False`` leaves
     slot B without boot files (prefix: no ``b/`` folder; autoboot: p3 formatted but empty), to simulate a slot that
-    cannot boot. The data partition takes whatever ``size_mb`` leaves (at least 4 MiB); by default the disk is as
+    cannot boot. ``switch_files`` is how the files that switch slots look: ``"disarmed"``, as ab-flasher leaves them
+    (prefix: a ``tryboot.txt`` of ab-flasher's form trying the primary; autoboot: ``[tryboot]`` naming the primary),
+    or ``"legacy"``, as earlier versions and hand-made setups left them (prefix: no ``tryboot.txt``; autoboot: the
+    canonical ``autoboot.txt`` whose ``[tryboot]`` names the other slot).
+
+    The data partition takes whatever ``size_mb`` leaves (at least 4 MiB); by default the disk is as
     small as the partitions allow (about 60 MiB prefix, 90 MiB autoboot).
     """
     if layout not in ("prefix", "autoboot"):
@@ -435,19 +444,21 @@ def build_pi_disk(
     with tempfile.TemporaryDirectory(prefix="pidisk-") as tmp:
         staging = Path(tmp)
         if layout == "prefix":
-            _fill_prefix(disk, staging, versions, primary, slot_b_boot_files)
+            _fill_prefix(disk, staging, versions, primary, slot_b_boot_files, switch_files=switch_files)
         else:
-            _fill_autoboot(disk, staging, versions, primary, slot_b_boot_files)
+            _fill_autoboot(disk, staging, versions, primary, slot_b_boot_files, switch_files=switch_files)
         _fill_roots_and_data(disk, staging, versions, root_extra_files)
     return disk
 
 
 def _fill_prefix(disk: PiDisk, staging: Path, versions: Mapping[Slot, str | None], primary: Slot,
-                 slot_b_boot_files: bool) -> None:
+                 slot_b_boot_files: bool, *, switch_files: SwitchFiles) -> None:
     boot = disk.by_role("boot")
     tree = staging / "boot"
     files: dict[str, bytes | str] = dict(_FIRMWARE_FILES)
     files["config.txt"] = prefix_config_text(primary)
+    if switch_files == "disarmed":
+        files["tryboot.txt"] = render_tryboot(f"{primary}/")
     for slot in SLOTS:
         if slot == "b" and not slot_b_boot_files:
             continue
@@ -465,18 +476,18 @@ def prefix_config_text(slot: Slot) -> str:
 
 
 def autoboot_text(primary_partition: int, trial_partition: int) -> str:
-    """The canonical ``autoboot.txt`` of DESIGN §3."""
+    """The canonical ``autoboot.txt``: ``primary_partition`` boots, ``trial_partition`` with the tryboot flag."""
     return (f"[all]\ntryboot_a_b=1\nboot_partition={primary_partition}\n"
             f"[tryboot]\nboot_partition={trial_partition}\n")
 
 
 def _fill_autoboot(disk: PiDisk, staging: Path, versions: Mapping[Slot, str | None], primary: Slot,
-                   slot_b_boot_files: bool) -> None:
+                   slot_b_boot_files: bool, *, switch_files: SwitchFiles) -> None:
     other: Slot = "b" if primary == "a" else "a"
     selector = disk.by_role("autoboot")
     make_fat(disk.path, selector.offset, selector.size_bytes, "AUTOBOOT")
-    fat_write(disk.path, selector.offset, "autoboot.txt",
-              autoboot_text(disk.boot(primary).number, disk.boot(other).number))
+    trial = disk.boot(other if switch_files == "legacy" else primary).number
+    fat_write(disk.path, selector.offset, "autoboot.txt", autoboot_text(disk.boot(primary).number, trial))
     for slot in SLOTS:
         boot = disk.boot(slot)
         make_fat(disk.path, boot.offset, boot.size_bytes, f"BOOT{slot.upper()}")

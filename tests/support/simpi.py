@@ -18,7 +18,7 @@ from abflasher.config import Config
 from abflasher.updater import Updater
 from tests import pifirmware
 from tests.support.loopdev import LoopDisk
-from tests.support.pidisk import Layout, PiDisk, build_pi_disk
+from tests.support.pidisk import Layout, PiDisk, SwitchFiles, build_pi_disk
 
 MIB = 1 << 20
 
@@ -34,12 +34,14 @@ class SimulatedPi:
         health_ok: bool = True,
         state_in_root: bool = False,
         config: dict[str, object] | None = None,
+        switch_files: SwitchFiles = "disarmed",
     ) -> None:
         """``state_in_root``: keep ab-flasher's state where an installed system keeps it, in /var/lib of the running
         root (mounted read-write then), so each slot has its own copy; otherwise one directory outside the disk."""
         self.workdir = workdir
         self.layout = layout
-        self.image: PiDisk = build_pi_disk(workdir / "disk.img", layout, version_a=version_a, root_mb=root_mb)
+        self.image: PiDisk = build_pi_disk(workdir / "disk.img", layout, version_a=version_a, root_mb=root_mb,
+                                            switch_files=switch_files)
         self.loop = LoopDisk(self.image.path)
         self.proc = workdir / "proc"
         self.root_mount = workdir / "root"
