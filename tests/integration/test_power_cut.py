@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.root]
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 
-BootKey = tuple[int, str, str, str, str]  # partition, config file, kernel, cmdline file, cmdline
+BootKey = tuple[int, str, str, str, str]  # partition, os_prefix, kernel, cmdline file, cmdline
 
 
 class WorkingDisk(pifirmware.ImageDisk):
@@ -79,7 +79,7 @@ def boot_verdict(pi: SimulatedPi, disk: pifirmware.BootDisk, *, tryboot: bool) -
         slot = pi.slot_for(decision)
     except (pifirmware.FirmwareModelError, KeyError) as exc:
         return Verdict(None, None, f"{type(exc).__name__}: {exc}")
-    key = (decision.partition, decision.config_file, decision.kernel, decision.cmdline_file, decision.cmdline)
+    key = (decision.partition, decision.os_prefix, decision.kernel, decision.cmdline_file, decision.cmdline)
     return Verdict(slot, key)
 
 

@@ -222,16 +222,32 @@ class CrashState:
 
 def crash_states(working: Mapping[str, Path], writes: list[RecordedWrite]) -> Iterator[CrashState]:
     """Walk ``writes``, applying them to the ``working`` images (the images before, which are changed in place),
-    and yield after each state a power cut could leave, ending with the state after the last write."""
+    and yield after each state a power cut could leave, ending with the state after the last write.
+
+    A sector that a write leaves as it was (mtools rewrites whole FAT regions) makes no new state: the medium is the
+    same as one already yielded, so it is not yielded again.
+    """
     yield CrashState(0, 0, "before the first write")
     for index, write in enumerate(writes):
         image = working[write.path]
         # Sector boundaries are those of the device: a write that starts inside a sector completes it first.
-        boundaries = [b for b in range((write.offset // SECTOR + 1) * SECTOR, write.end, SECTOR)]
-        for count, boundary in enumerate(boundaries, start=1):
-            apply_write(image, write, boundary - write.offset)
-            yield CrashState(index, count, f"write {index + 1}/{len(writes)} to {write.path} at byte "
-                                           f"{write.offset}, cut after {boundary - write.offset} of {len(write.data)}")
-        apply_write(image, write)
+        boundaries = [*range((write.offset // SECTOR + 1) * SECTOR, write.end, SECTOR), write.end]
+        start = write.offset
+        with image.open("r+b") as handle:
+            for count, boundary in enumerate(boundaries, start=1):
+                new = write.data[start - write.offset:boundary - write.offset]
+                handle.seek(start)
+                old = handle.read(len(new))
+                start = boundary
+                if old == new:
+                    continue
+                handle.seek(boundary - len(new))
+                handle.write(new)
+                handle.flush()
+                if boundary == write.end:
+                    break
+                yield CrashState(index, count, f"write {index + 1}/{len(writes)} to {write.path} at byte "
+                                               f"{write.offset}, cut after {boundary - write.offset} of "
+                                               f"{len(write.data)}")
         yield CrashState(index + 1, 0, f"after write {index + 1}/{len(writes)} to {write.path} at byte "
                                        f"{write.offset} ({len(write.data)} bytes)")
