@@ -511,6 +511,7 @@ class Updater:
         target = system.layout.slot(prepared.target_slot)
         if target.name in (system.booted.name, system.primary):
             raise errors.Busy(f"slot {target.name} is in use (booted or committed); refusing to write it")
+        self._unmount_leftovers()
         expected = self._expected_sha256(prepared)
         if cancel.is_set():
             raise errors.Cancelled("the update was cancelled")
@@ -652,6 +653,18 @@ class Updater:
                 f"boot artifact {name}: sha256 {digest.hexdigest()}, its checksum file says {expected}"
             )
         return path
+
+    def _unmount_leftovers(self) -> None:
+        """Unmount new roots a killed job left mounted in run_dir (its own, 0700): they would hold the target busy.
+        A power cut clears them by itself; a killed service, restarted by systemd, does not."""
+        for mountpoint in sorted(self._run_dir().glob("slot-*")):
+            if os.path.ismount(mountpoint):
+                done = self._run(["umount", str(mountpoint)], 120)
+                if done.returncode != 0:
+                    raise errors.DeviceError(f"a root left mounted on {mountpoint} by an interrupted update cannot be "
+                                             f"unmounted: {done.stderr.strip()}")
+            with contextlib.suppress(OSError):
+                mountpoint.rmdir()
 
     @contextlib.contextmanager
     def _mounted(self, device: str) -> Iterator[Path]:

@@ -16,9 +16,16 @@ with SIGKILL and asks the same question of what it leaves.
 
 from __future__ import annotations
 
+import gzip
 import os
+import queue
+import random
+import shutil
+import signal
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +35,9 @@ import pytest
 from abflasher.updater import UpdateRequest
 from tests import pifirmware
 from tests.integration.test_ab_cycle import root_image
+from tests.support.pidisk import build_root_image
 from tests.support.simpi import SimulatedPi
+from tests.support.update_driver import save_config
 from tests.support.writerecorder import (
     RecordedWrite,
     RecordedZeroing,
@@ -227,3 +236,81 @@ def test_every_power_cut_while_switching_slots_boots_a_good_slot(tmp_path: Path,
     for report in proof.reports:
         print(f"  {report.name}: {report.writes} writes, {report.states} states")
     assert total >= 100
+
+
+def _stages_of(process: subprocess.Popen[str]) -> queue.Queue[str]:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line.strip())
+        lines.put("")
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", ["prefix", "autoboot"])
+def test_an_update_killed_at_random_moments_leaves_a_good_slot(tmp_path: Path, layout: str) -> None:
+    rng = random.Random(f"sigkill-{layout}")  # seeded: a failure names a moment that can be replayed
+    image = tmp_path / "root-1.1.0.img.gz"
+    raw = tmp_path / "root-1.1.0.img"
+    # Incompressible content, so writing and verifying take long enough to be cut at random points.
+    build_root_image(raw, "1.1.0", size_mb=64, extra_files={"opt/blob": rng.randbytes(40 * MIB)})
+    with raw.open("rb") as source, gzip.open(image, "wb", compresslevel=1) as packed:
+        shutil.copyfileobj(source, packed)
+    raw.unlink()
+    (tmp_path / "device").mkdir()
+    with SimulatedPi(tmp_path / "device", layout, root_mb=72) as pi:  # type: ignore[arg-type]
+        config = tmp_path / "config.json"
+        save_config(pi.config, config)
+        outcomes: list[str] = []
+        for stage in ("writing", "verifying", "configuring") * 3:
+            delay = rng.uniform(0.0, 0.1)
+            process = subprocess.Popen([sys.executable, "-m", "tests.support.update_driver", str(config), str(image),
+                                        "1.1.0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True)
+            lines = _stages_of(process)
+            finished = False
+            try:
+                deadline = time.monotonic() + 120
+                while lines.get(timeout=max(0.1, deadline - time.monotonic())) not in (stage, "", "done"):
+                    pass
+                time.sleep(delay)
+                finished = process.poll() is not None
+                process.send_signal(signal.SIGKILL)
+            finally:
+                process.kill()
+                process.wait(timeout=60)
+            outcomes.append(f"{stage}+{delay:.3f}s: {'finished first' if finished else 'killed'}")
+            pi.flush()
+            outcomes[-1] += f", a tryboot starts {pi.slot_for(pi.firmware(tryboot=True))}"
+
+            pi.flush()
+            assert pi.slot_for(pi.firmware(tryboot=False)) == "a", f"{outcomes[-1]}: without the flag"
+            try:
+                flagged = pi.slot_for(pi.firmware(tryboot=True))
+            except pifirmware.FirmwareModelError as exc:
+                raise AssertionError(f"{outcomes[-1]}: with the flag nothing boots ({exc})") from exc
+            if flagged == "b":
+                # Armed only after the read-back verify and the fix-up: the new root is whole and knows itself.
+                assert pi.slot_file("b", "/.ab_version") == b"1.1.0\n", outcomes[-1]
+                fstab = (pi.slot_file("b", "/etc/fstab") or b"").decode()
+                assert f"PARTUUID={pi.image.partuuid(pi.image.root('b').number)}" in fstab, outcomes[-1]
+            else:
+                assert flagged == "a", f"{outcomes[-1]}: with the flag it boots {flagged}"
+            # A service killed and restarted (not a power cut): a root it had mounted is still mounted.
+            pi.boot(tryboot=False)
+            pi.updater().boot_check()
+            assert pi.slot_for(pi.firmware(tryboot=True)) == "a", "after the boot check nothing is armed"
+
+        # The device is not left stuck: the next update goes through, and its trial commits.
+        install_step(pi, image, "1.1.0")()
+        assert pi.boot(tryboot=True) == "b"
+        assert pi.updater().boot_check().committed
+        assert pi.slot_for(pi.firmware(tryboot=False)) == "b"
+    print(f"\n{layout}: " + "; ".join(outcomes))
