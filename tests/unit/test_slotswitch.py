@@ -13,6 +13,7 @@ from abflasher.boot import bootfiles, slotswitch
 from abflasher.boot.fat import DirectoryVolume, MtoolsVolume
 from abflasher.boot.fat_mtools import FatGeometry, parse_cluster_chain
 from tests import pifirmware
+from tests.support.writerecorder import WriteRecorder
 
 SECTOR = 512
 
@@ -176,3 +177,22 @@ def test_in_place_refuses_what_it_cannot_do_and_changes_nothing(tmp_path: Path, 
     assert volume.read("/config.txt") == b"os_prefix=a/\n"
     assert volume.write_in_place("/CONFIG.TXT", b"os_prefix=b/\n") == 1
     assert volume.read("/config.txt") == b"os_prefix=b/\n"
+
+
+def test_directory_in_place_is_one_sector_write_per_changed_sector_and_nothing_else(tmp_path: Path) -> None:
+    """On a mounted FAT the kernel writes back what the file's pages hold: one aligned sector per change, each
+    flushed before the next, and no rename, truncation or new file that would touch the FAT or the directory."""
+    root = tmp_path / "boot"
+    root.mkdir()
+    volume = DirectoryVolume(root)
+    old = bytes(range(256)) * 12
+    volume.write_atomic("/tryboot.txt", old)
+    new = bytearray(old)
+    new[5] ^= 0xFF
+    new[2000] ^= 0xFF
+    with WriteRecorder(tmp_path / "trace") as recorder:
+        assert volume.write_in_place("/tryboot.txt", bytes(new)) == 2
+    writes = recorder.writes()
+    assert [(w.path, w.offset, len(w.data)) for w in writes] == [
+        (str(root / "tryboot.txt"), 0, SECTOR), (str(root / "tryboot.txt"), 3 * SECTOR, SECTOR)]
+    assert sorted(path.name for path in root.iterdir()) == ["tryboot.txt"]
