@@ -63,6 +63,8 @@ class _PiBoot:
         self.layout = layout
         self._open_fat: VolumeOpener = open_fat or open_volume
         self._firmware: FatVolume | None = None
+        #: config.txt settings for trial boots only (the prefix layout puts them in tryboot.txt).
+        self.trial_settings: tuple[str, ...] = ()
 
     @property
     def firmware(self) -> FatVolume:
@@ -132,26 +134,29 @@ class PrefixBoot(_PiBoot):
         """
         text = self._read_text(self.firmware, TRYBOOT_TXT)
         if text is None:
-            text = slotswitch.render_tryboot(self._prefix(self.primary()))
+            text = slotswitch.render_tryboot(self._prefix(self.primary()), self.trial_settings)
             self.firmware.write_atomic(TRYBOOT_TXT, text.encode())
         return text
 
-    def _switch(self, name: str, text: str, prefix: str) -> None:
-        changed = slotswitch.set_os_prefix_in_place(text, prefix, name)
+    def _write_if_changed(self, name: str, text: str, changed: str) -> None:
         if changed != text:
             self.firmware.write_in_place(name, changed.encode())
 
     def set_trial(self, slot: str) -> None:
         self._config()
-        self._switch(TRYBOOT_TXT, self._tryboot(), self._prefix(slot))
+        text = self._tryboot()
+        self._write_if_changed(TRYBOOT_TXT, text, slotswitch.retarget_tryboot(text, self._prefix(slot),
+                                                                               self.trial_settings))
 
     def disarm(self) -> None:
         self.set_trial(self.primary())
 
     def commit(self, slot: str) -> None:
         # config.txt first: in between, a trial boot starts the old primary, a good slot.
-        self._switch(CONFIG_TXT, self._config(), self._prefix(slot))
-        self._switch(TRYBOOT_TXT, self._tryboot(), self._prefix(slot))
+        config = self._config()
+        self._write_if_changed(CONFIG_TXT, config, slotswitch.set_os_prefix_in_place(config, self._prefix(slot),
+                                                                                      CONFIG_TXT))
+        self.set_trial(slot)
 
     def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
         folder = self._prefix(target.name)
@@ -185,7 +190,8 @@ class PrefixBoot(_PiBoot):
             repaired.append(f"created {TRYBOOT_TXT} trying the primary slot")
         elif not slotswitch.is_own_tryboot(tryboot) and \
                 bootfiles.config_os_prefix(tryboot) == bootfiles.config_os_prefix(config):
-            migrated = slotswitch.tryboot_in_place_of(tryboot, bootfiles.config_os_prefix(config) or "")
+            migrated = slotswitch.tryboot_in_place_of(tryboot, bootfiles.config_os_prefix(config) or "",
+                                                      self.trial_settings)
             if migrated is not None:
                 self.firmware.write_in_place(TRYBOOT_TXT, migrated.encode())
                 repaired.append(f"{TRYBOOT_TXT} now includes {CONFIG_TXT} instead of copying it")

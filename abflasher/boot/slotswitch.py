@@ -17,6 +17,7 @@ it edits, or raises `SwitchFileError` (docs/boot-atomicity.md says why each is s
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from abflasher.boot import bootfiles
 
@@ -46,9 +47,46 @@ def set_os_prefix_in_place(text: str, prefix: str, what: str) -> str:
     return changed
 
 
-def render_tryboot(prefix: str) -> str:
-    """tryboot.txt in ab-flasher's own form, trying the slot whose boot files are in folder ``prefix``."""
-    return f"{TRYBOOT_HEADER}{INCLUDE_LINE}\n[all]\nos_prefix={prefix}\n"
+def _padded(head: str, size: int) -> str:
+    """``head`` then comment lines up to ``size`` bytes; no line break on the last byte of a sector, so each sector
+    ends inside a comment line (which then runs on into whatever the next sector holds)."""
+    padding: list[str] = []
+    line_chars = 0
+    for position in range(len(head.encode()), size):
+        if line_chars >= PADDING_LINE_CHARS - 1 and position % SECTOR != SECTOR - 1:
+            padding.append("\n")
+            line_chars = 0
+        else:
+            padding.append("#")
+            line_chars += 1
+    return head + "".join(padding)
+
+
+def _own_head(prefix: str, extra: Sequence[str], *, guard: bool) -> str:
+    head = f"{TRYBOOT_HEADER}{INCLUDE_LINE}\n[all]\nos_prefix={prefix}\n" + "".join(f"{line}\n" for line in extra)
+    # [none]: a filter never true, so old lines after this text (while it is being written over them) are ignored.
+    head += "[none]\n" if guard else ""
+    if len(head.encode()) >= SECTOR - 2:
+        raise SwitchFileError(f"the trial settings {list(extra)} do not fit in tryboot.txt's first sector")
+    return head
+
+
+def render_tryboot(prefix: str, extra: Sequence[str] = ()) -> str:
+    """tryboot.txt in ab-flasher's own form, trying the slot whose boot files are in folder ``prefix`` with the
+    ``extra`` settings (the trial's watchdog), padded to exactly one sector: any later change of it, whatever its
+    length, is then one sector written in place."""
+    return _padded(_own_head(prefix, extra, guard=True), SECTOR)
+
+
+def retarget_tryboot(text: str, prefix: str, extra: Sequence[str] = ()) -> str:
+    """tryboot.txt trying ``prefix`` with ``extra``, of ``text``'s size, changing only its first sector when it is
+    of ab-flasher's own form (a full sector or more); otherwise only the os_prefix value (`set_os_prefix_in_place`).
+    """
+    data = text.encode()
+    if not is_own_tryboot(text) or len(data) < SECTOR:
+        return set_os_prefix_in_place(text, prefix, "tryboot.txt")
+    first = render_tryboot(prefix, extra)
+    return first + data[SECTOR:].decode(errors="surrogateescape")
 
 
 def is_own_tryboot(text: str) -> bool:
@@ -56,9 +94,9 @@ def is_own_tryboot(text: str) -> bool:
     return any(line.strip() == INCLUDE_LINE for line in text.splitlines())
 
 
-def tryboot_in_place_of(old: str, prefix: str) -> str | None:
+def tryboot_in_place_of(old: str, prefix: str, extra: Sequence[str] = ()) -> str | None:
     """tryboot.txt of ab-flasher's form, of exactly ``old``'s size, to be written over ``old`` sector by sector in
-    ascending order; None when ``old`` is too small to hold it.
+    ascending order; None when ``old`` is smaller than a sector.
 
     Sector 0 gets the whole new configuration, ending in ``[none]`` (a filter never true) and then a comment line
     that runs on past the sector's end; every later sector gets comment lines whose last one also runs on. So after
@@ -67,20 +105,9 @@ def tryboot_in_place_of(old: str, prefix: str) -> str | None:
     copy of config.txt lines ending with this same os_prefix: every state boots config.txt with ``prefix``.
     """
     size = len(old.encode())
-    head = f"{TRYBOOT_HEADER}{INCLUDE_LINE}\n[all]\nos_prefix={prefix}\n[none]\n"
-    if size < SECTOR or len(head) >= SECTOR - 2:
+    if size < SECTOR:
         return None
-    padding: list[str] = []
-    line_chars = 0
-    for position in range(len(head), size):
-        # A line break anywhere but on the last byte of a sector: each sector ends inside a comment line.
-        if line_chars >= PADDING_LINE_CHARS - 1 and position % SECTOR != SECTOR - 1:
-            padding.append("\n")
-            line_chars = 0
-        else:
-            padding.append("#")
-            line_chars += 1
-    return head + "".join(padding)
+    return _padded(_own_head(prefix, extra, guard=True), size)
 
 
 def _autoboot_lines_in_force(text: str) -> tuple[int | None, int | None]:

@@ -39,12 +39,30 @@ def test_os_prefix_that_cannot_change_in_place_is_refused(text: str, message: st
         slotswitch.set_os_prefix_in_place(text, "b/", "config.txt")
 
 
-def test_own_tryboot_includes_config_and_fits_a_sector() -> None:
+def test_own_tryboot_includes_config_and_is_one_sector() -> None:
     text = slotswitch.render_tryboot("a/")
-    assert len(text.encode()) < SECTOR
+    assert len(text.encode()) == SECTOR
     assert slotswitch.is_own_tryboot(text)
     assert not slotswitch.is_own_tryboot("os_prefix=a/\n")
     assert bootfiles.config_os_prefix(slotswitch.set_os_prefix_in_place(text, "b/", "tryboot.txt")) == "b/"
+    watched = slotswitch.retarget_tryboot(text, "b/", ["dtparam=watchdog=on", "kernel_watchdog_timeout=60"])
+    assert len(watched.encode()) == SECTOR
+    assert "kernel_watchdog_timeout=60\n" in watched
+    assert bootfiles.config_os_prefix(watched) == "b/"
+    with pytest.raises(slotswitch.SwitchFileError, match="do not fit"):
+        slotswitch.render_tryboot("a/", ["x" * 400])
+
+
+def test_retargeting_a_migrated_tryboot_changes_its_first_sector_only() -> None:
+    migrated = slotswitch.tryboot_in_place_of("os_prefix=a/\n" + "# image comment\n" * 100, "a/")
+    assert migrated is not None
+    retargeted = slotswitch.retarget_tryboot(migrated, "b/", ["kernel_watchdog_timeout=60"])
+    assert len(retargeted) == len(migrated)
+    assert retargeted[SECTOR:] == migrated[SECTOR:]
+    assert bootfiles.config_os_prefix(retargeted) == "b/"
+    # The old form (a copy of config.txt) keeps its form: only the prefix changes.
+    old = "arm_64bit=1\nos_prefix=a/\n"
+    assert slotswitch.retarget_tryboot(old, "b/", ["kernel_watchdog_timeout=60"]) == old.replace("a/", "b/")
 
 
 OLD_COPIES = [
