@@ -4,7 +4,7 @@ The partition table comes from `sfdisk` run on the file, FAT boot partitions fro
 filled with mtools (`-i IMG@@BYTES`), ext4 roots from `mkfs.ext4 -d DIR -E offset=BYTES`. Nothing is mounted, so
 no loop device and no root is needed; a test that wants block devices can `losetup` the finished file itself.
 
-Two layouts (DESIGN §3):
+Two layouts (docs/architecture.md, "Disk layouts"):
 
 - ``prefix``: p1 FAT boot (``config.txt`` with ``os_prefix=a/``, ``a/`` and ``b/`` holding each slot's kernel, dtbs,
   overlays and ``cmdline.txt``), p2/p3 root A/B (ext4), p4 data (ext4).
@@ -465,7 +465,7 @@ def prefix_config_text(slot: Slot) -> str:
 
 
 def autoboot_text(primary_partition: int, trial_partition: int) -> str:
-    """The canonical ``autoboot.txt`` of DESIGN §3."""
+    """The canonical ``autoboot.txt`` (docs/architecture.md, "Disk layouts")."""
     return (f"[all]\ntryboot_a_b=1\nboot_partition={primary_partition}\n"
             f"[tryboot]\nboot_partition={trial_partition}\n")
 
