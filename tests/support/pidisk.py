@@ -27,7 +27,6 @@ from typing import Literal
 
 SECTOR = 512
 MIB = 1024 * 1024
-ALIGN_SECTORS = MIB // SECTOR
 
 Layout = Literal["prefix", "autoboot"]
 Slot = Literal["a", "b"]

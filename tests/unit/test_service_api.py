@@ -44,7 +44,6 @@ from tests.support.polkit import DbusmockPolkit
 pytestmark = pytest.mark.timeout(60)
 
 ERR = "org.abflasher.Updater1.Error."
-ALL_ACTIONS = [ACTION_UPDATE, ACTION_DOWNGRADE, ACTION_MANAGE_BOOT]
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 45.0) -> Any:
