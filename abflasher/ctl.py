@@ -1,4 +1,4 @@
-"""``abflasherctl``: the command-line client of the ab-flasher service (DESIGN §7).
+"""``abflasherctl``: the command-line client of the ab-flasher service.
 
 It only talks D-Bus to ``org.abflasher.Updater``; the service decides (with polkit) what the caller may do. Exit
 codes: 0 success, each error class its own (``abflasher.errors``: 2 invalid argument, 3 not authorized, 4 busy, ...),

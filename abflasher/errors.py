@@ -1,6 +1,6 @@
 """One exception hierarchy for the whole product.
 
-Every class carries the D-Bus error name the service sends (DESIGN §5) and the exit code the command-line tools
+Every class carries the D-Bus error name the service sends (docs/dbus-api.md) and the exit code the command-line tools
 return, so the engine, the service and the clients agree on what went wrong without translating by hand.
 """
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from abflasher import errors
 from abflasher.disk.blockdev import ReadbackVerifier, open_target
+from abflasher.image.destinations import TargetWriter
 from abflasher.image.formats import ImageFormat
-from abflasher.image.pipeline import Progress, ProgressCallback, StreamResult, TargetWriter, stream_image
+from abflasher.image.pipeline import Progress, ProgressCallback, StreamResult, stream_image
 from abflasher.image.sources import ImageSource
 
 

@@ -1,4 +1,4 @@
-"""The update state machine (DESIGN §4): one job at a time, persisted state, health-checked commit.
+"""The update state machine (docs/architecture.md): one job at a time, persisted state, health-checked commit.
 
 1. resolve the request (version → URL and expected sha256; refuse up-to-date, downgrades, other boards);
 2. pick the target: the slot that is neither booted nor the committed primary, never the booted one;

@@ -37,14 +37,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.bus import (  # noqa: E402
-    DBusDaemon,
-    DbusmockPolkit,
-    ServiceProcess,
-    config_file_text,
-    rss_kib,
-    stop_process,
-)
+from tests.support.bus import DBusDaemon, stop_process  # noqa: E402
+from tests.support.polkit import DbusmockPolkit  # noqa: E402
+from tests.support.serviceprocess import ServiceProcess, config_file_text, rss_kib  # noqa: E402
 from tests.support.simpi import SimulatedPi  # noqa: E402
 
 MIB = 1 << 20

@@ -24,15 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.bus import (  # noqa: E402
-    DBusDaemon,
-    PolkitDaemon,
-    ServiceProcess,
-    config_file_text,
-    installed_polkit_files,
-)
+from tests.support.bus import DBusDaemon  # noqa: E402
 from tests.support.httpserver import serve_files  # noqa: E402
 from tests.support.pidisk import build_root_image  # noqa: E402
+from tests.support.polkit import PolkitDaemon, installed_polkit_files  # noqa: E402
+from tests.support.serviceprocess import ServiceProcess, config_file_text  # noqa: E402
 from tests.support.simpi import SimulatedPi  # noqa: E402
 
 PYTHON = sys.executable

@@ -1,4 +1,4 @@
-"""A model of what the Raspberry Pi firmware boots (DESIGN §8), for tests.
+"""A model of what the Raspberry Pi firmware boots, for tests.
 
 Given a disk and the one-shot tryboot flag, `decide_boot` answers: which FAT partition the firmware boots from, which
 config file it read, which kernel and cmdline it loads and what ``root=`` the kernel gets. Scenario tests use
@@ -515,7 +515,7 @@ def decide_boot(
     model: str = "pi4",
     fallback_scan: bool = False,
 ) -> BootDecision:
-    """What the firmware boots from ``disk`` (DESIGN §8; the rules are in this module's docstring).
+    """What the firmware boots from ``disk`` (the rules are in this module's docstring).
 
     ``reboot_arg`` is the partition of ``reboot N`` (0 or None: none given). Raises `NoBootablePartition` when no
     partition can be booted and `KernelNotFound` when the chosen partition lacks its kernel.

@@ -5,12 +5,12 @@ blank lines, each line's own ending (``\\n`` or ``\\r\\n``) and whether the file
 uses the file's first line ending (``\\n`` for a file without one).
 
 - ``config.txt``: `config_os_prefix`, `set_config_os_prefix`, `conditional_os_prefixes`.
-- ``autoboot.txt``: `parse_autoboot`, `render_autoboot` (DESIGN §3, §8).
+- ``autoboot.txt``: `parse_autoboot`, `render_autoboot` (docs/architecture.md, "Disk layouts").
 - ``cmdline.txt``: `cmdline_root`, `set_cmdline_root`.
 - ``/etc/fstab``: `fstab_mounts`, `set_fstab_mounts`.
 - ``/.ab_version``: `parse_ab_version`.
 
-Filters follow the firmware (DESIGN §8): a ``[section]`` line starts a conditional part, ``[all]`` ends it; ``#``
+Filters follow the firmware: a ``[section]`` line starts a conditional part, ``[all]`` ends it; ``#``
 starts a comment only at the beginning of a line; ``key=value`` with blanks around either side ignored; later values
 win.
 """
@@ -213,7 +213,7 @@ def _autoboot_settings(text: str, *, tryboot: bool) -> tuple[int | None, bool]:
             elif name == "none":
                 filters["none"] = False
             else:
-                # Board, EDID, GPIO... filters are never true for autoboot.txt in the firmware model (DESIGN §8).
+                # Board, EDID, GPIO... filters are never true for autoboot.txt in the firmware (tests/pifirmware.py).
                 filters["other:" + re.split(r"[=:]", name, maxsplit=1)[0]] = False
             continue
         setting = _setting(stripped)
@@ -255,7 +255,7 @@ def _check_partition(number: int, what: str) -> None:
 
 
 def render_autoboot(primary: int, trial: int) -> str:
-    """The canonical autoboot.txt (DESIGN §3): boot ``primary``, and ``trial`` when the tryboot flag is set."""
+    """The canonical autoboot.txt: boot ``primary``, and ``trial`` when the tryboot flag is set."""
     _check_partition(primary, "the primary boot partition")
     _check_partition(trial, "the trial boot partition")
     return f"[all]\ntryboot_a_b=1\nboot_partition={primary}\n[tryboot]\nboot_partition={trial}\n"

@@ -1,6 +1,6 @@
 """Which slots a disk has, which one is booted, and what version each holds.
 
-Two layouts (DESIGN §3), recognised from the partition table:
+Two layouts (docs/architecture.md, "Disk layouts"), recognised from the partition table:
 
 - ``prefix``: p1 FAT (firmware + ``a/`` ``b/`` boot folders), p2/p3 roots A/B, optional p4 data;
 - ``autoboot``: p1 FAT (``autoboot.txt``), p2/p3 FAT boot A/B, p4 extended, p5/p6 roots A/B, optional p7 data.

@@ -21,9 +21,6 @@ from abflasher.errors import DeviceError, InvalidArgument
 # MBR types of extended partitions (the containers of logical partitions 5, 6, ...): DOS, Win95 LBA, Linux.
 DOS_EXTENDED_TYPES = frozenset({"5", "f", "85"})
 
-# The number of the first logical partition inside an MBR extended partition.
-FIRST_LOGICAL_PARTITION = 5
-
 # sfdisk lives in /usr/sbin, which is not on every caller's PATH (unprivileged shells, some service managers).
 _SBIN_PATH = "/usr/sbin:/sbin"
 

@@ -2,7 +2,9 @@
 
 zlib/lzma/bz2 inflate, hashlib and os.pwrite all release the GIL, so one thread per stage keeps the source, the CPU
 and the device busy at the same time. Buffers come from a fixed pool of page-aligned mmaps (O_DIRECT needs the
-alignment, and the pool is what keeps memory flat whatever the image size).
+alignment, and the pool is what keeps memory flat whatever the image size). The stages are `_ReadStage`,
+`_DecodeStage`, `_HashStage` and `WriteStage`, which holds the decisions (zero runs, batching, the `SyncPolicy`,
+what the verifier may read); where the bytes go, and what reads them back, is in `image/destinations.py`.
 
 Safety properties, all tested:
 - nothing is written before the image's format is recognised, so a file that is not an image leaves the target
@@ -15,20 +17,17 @@ Safety properties, all tested:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import mmap
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol, cast
+from typing import cast
 
 from abflasher import errors
-from abflasher.disk.blockdev import Target, set_direct, zero_range
+from abflasher.image.destinations import Destination, Verifier
 from abflasher.image.formats import (
     DETECT_BYTES,
     GzipMemberCheck,
@@ -42,13 +41,13 @@ from abflasher.image.sources import ImageSource
 BUFFER_SIZE = 1 << 20
 BUFFER_COUNT = 8
 READ_CHUNK = 256 << 10
-#: How often data written through the page cache is flushed, and so how far the overlapped read-back verify may trail
-#: such writes. Direct writes are on the device when they return: the verify follows them without any flush.
+#: The default `SyncPolicy` (read when a stream starts): see its fields.
 SYNC_INTERVAL = 64 << 20
-#: How often the device's write cache is flushed while writing directly (the final flush comes on top).
 DIRECT_SYNC_SECONDS = 5.0
 #: Up to this many consecutive buffers go to the device in one pwritev.
 WRITE_BATCH = 8
+#: Seconds between progress reports while writing.
+PROGRESS_INTERVAL = 0.05
 _POLL = 0.1
 _ZEROS = bytes(BUFFER_SIZE)
 
@@ -88,136 +87,13 @@ class StreamResult:
     """Which hash the expected checksum matched: ``image`` (decompressed) or ``source`` (the compressed file)."""
 
 
-class Destination(Protocol):
-    """Where decoded bytes go. A block device or file (TargetWriter) or any seekable file object."""
-
-    capacity: int | None
-    description: str
-    cached_writes: bool
-    """Whether something written since the last sync() may be only in the page cache. While False, all that was
-    written is on the device and a read-back straight from the device sees it without a flush."""
-
-    def write_at(self, offset: int, data: memoryview) -> None: ...
-
-    def write_batch(self, offset: int, views: list[memoryview]) -> None:
-        """Write whole buffers back to back starting at ``offset`` (one system call where possible)."""
-        ...
-
-    def zero(self, offset: int, length: int) -> bool:
-        """Make the range read as zeros without writing them; False if this destination cannot."""
-        ...
-
-    def sync(self) -> None: ...
-
-
-class Verifier(Protocol):
-    """Reads back, while the stream is still being written, what has already been flushed to the device."""
-
-    def first_block(self, data: memoryview) -> None:
-        """The image's first block, which reaches the device last (see the module docstring); it is not changed
-        until the stream has ended."""
-        ...
-
-    def durable(self, offset: int) -> None:
-        """Everything after the first block up to ``offset`` is on the device: written directly (O_DIRECT, or zeroed
-        by the device), or written through the page cache and flushed."""
-        ...
-
-
-class TargetWriter:
-    def __init__(self, target: Target) -> None:
-        self._target = target
-        self.capacity = target.capacity
-        self.description = target.path
-        self._direct = target.direct
-        self._block = max(512, target.logical_block_size)
-        self.cached_writes = False
-
-    def write_at(self, offset: int, data: memoryview) -> None:
-        length = len(data)
-        if self._direct and (length % self._block or offset % self._block):
-            # O_DIRECT takes whole logical blocks only; the odd tail of an image goes through the page cache.
-            set_direct(self._target.fd, False)
-            self._direct = False
-        elif not self._direct and self._target.direct and not (length % self._block or offset % self._block):
-            set_direct(self._target.fd, True)
-            self._direct = True
-        if not self._direct:
-            self.cached_writes = True
-        done = 0
-        try:
-            while done < length:
-                done += os.pwrite(self._target.fd, data[done:], offset + done)
-        except OSError as exc:
-            raise errors.DeviceError(
-                f"write to {self._target.path} failed at byte {offset + done}: {exc.strerror}"
-            ) from exc
-
-    def write_batch(self, offset: int, views: list[memoryview]) -> None:
-        if len(views) == 1:
-            self.write_at(offset, views[0])
-            return
-        if not self._direct and self._target.direct:
-            set_direct(self._target.fd, True)
-            self._direct = True
-        length = sum(len(view) for view in views)
-        try:
-            done = os.pwritev(self._target.fd, views, offset)
-        except OSError as exc:
-            raise errors.DeviceError(f"write to {self._target.path} failed at byte {offset}: {exc.strerror}") from exc
-        if done < length:
-            # A short vectored write: finish the rest piece by piece.
-            position = offset
-            for view in views:
-                skip = min(len(view), max(0, done - (position - offset)))
-                if skip < len(view):
-                    self.write_at(position + skip, view[skip:])
-                position += len(view)
-
-    def zero(self, offset: int, length: int) -> bool:
-        return zero_range(self._target, offset, length)
-
-    def sync(self) -> None:
-        try:
-            os.fsync(self._target.fd)
-        except OSError as exc:
-            raise errors.DeviceError(f"flushing {self._target.path} failed: {exc.strerror}") from exc
-        self.cached_writes = False
-
-
-class FileObjectWriter:
-    """Any seekable binary file object (BytesIO in tests)."""
-
-    def __init__(self, fileobj: BinaryIO, capacity: int | None = None, description: str = "file object") -> None:
-        self._file = fileobj
-        self.capacity = capacity
-        self.description = description
-        self.cached_writes = True
-
-    def write_at(self, offset: int, data: memoryview) -> None:
-        self._file.seek(offset)
-        self._file.write(data)
-
-    def write_batch(self, offset: int, views: list[memoryview]) -> None:
-        self._file.seek(offset)
-        for view in views:
-            self._file.write(view)
-
-    def zero(self, offset: int, length: int) -> bool:
-        return False
-
-    def sync(self) -> None:
-        self._file.flush()
-        # BytesIO has fileno() but no descriptor behind it.
-        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-            os.fsync(self._file.fileno())
-
-
 class _Abort(Exception):
     """Raised inside a stage when another stage already failed."""
 
 
 class _Pipeline:
+    """What the stages share: the cancel event, the first failure, and queue operations that give up on either."""
+
     def __init__(self, cancel: threading.Event | None) -> None:
         self.cancel = cancel or threading.Event()
         self.failed = threading.Event()
@@ -291,6 +167,308 @@ def read_head(source: ImageSource) -> bytes:
     return head
 
 
+@dataclass(frozen=True)
+class _Queues:
+    """What connects the stages: compressed chunks, decoded buffers to hash, hashed buffers to write, and the pool of
+    free buffers, a fixed number of page-aligned mmaps (O_DIRECT needs the alignment; the fixed pool keeps memory
+    flat)."""
+
+    compressed: queue.Queue[object]
+    to_hash: queue.Queue[object]
+    to_write: queue.Queue[object]
+    free: queue.Queue[object]
+
+    @classmethod
+    def make(cls) -> _Queues:
+        free: queue.Queue[object] = queue.Queue()
+        for _ in range(BUFFER_COUNT):
+            free.put(mmap.mmap(-1, BUFFER_SIZE))
+        return cls(queue.Queue(maxsize=8), queue.Queue(maxsize=BUFFER_COUNT), queue.Queue(maxsize=BUFFER_COUNT), free)
+
+
+class _ReadStage:
+    """Source → chunks of compressed bytes, counted, and hashed when a checksum may be of the compressed file."""
+
+    def __init__(self, pipe: _Pipeline, queues: _Queues, source: ImageSource, head: bytes, *, hashed: bool) -> None:
+        self._pipe = pipe
+        self._source = source
+        self._out = queues.compressed
+        self.hash = hashlib.sha256(head) if hashed else None
+        #: Bytes read from the source so far (the head included): what the writing progress counts.
+        self.bytes = len(head)
+
+    def run(self) -> None:
+        while True:
+            self._pipe.check()
+            chunk = self._source.read(READ_CHUNK)
+            if not chunk:
+                self._pipe.put(self._out, _END)
+                return
+            if self.hash is not None:
+                self.hash.update(chunk)
+            self.bytes += len(chunk)
+            self._pipe.put(self._out, chunk)
+
+
+class _DecodeStage:
+    """Compressed chunks → full buffers of the decoded image, from the pool; the last one may be partly filled."""
+
+    def __init__(
+        self, pipe: _Pipeline, queues: _Queues, fmt: ImageFormat, head: bytes, *, gzip_impl: str,
+        gzip_check: GzipMemberCheck | None,
+    ) -> None:
+        self._pipe = pipe
+        self._queues = queues
+        self._format = fmt
+        self._head = head
+        self._gzip_impl = gzip_impl
+        self._gzip_check = gzip_check
+
+    def _next_chunk(self) -> bytes:
+        item = self._pipe.get(self._queues.compressed)
+        return b"" if item is _END else cast(bytes, item)
+
+    def run(self) -> None:
+        decoder = open_decoder(
+            self._format, self._next_chunk, self._head, gzip_impl=self._gzip_impl, gzip_check=self._gzip_check
+        )
+        while True:
+            buf = cast(mmap.mmap, self._pipe.get(self._queues.free))
+            filled = 0
+            while filled < BUFFER_SIZE:
+                data = decoder.read(BUFFER_SIZE - filled)
+                if not data:
+                    break
+                buf[filled : filled + len(data)] = data
+                filled += len(data)
+            if filled:
+                self._pipe.put(self._queues.to_hash, (buf, filled, False))
+            if filled < BUFFER_SIZE:
+                self._pipe.put(self._queues.to_hash, _END)
+                return
+
+
+class _HashStage:
+    """Decoded buffers → the image's sha256 (and each gzip member's CRC-32, off the inflating thread); marks the
+    buffers that hold only zeros (free space of a file system), which the write stage zeroes instead of writing."""
+
+    def __init__(self, pipe: _Pipeline, queues: _Queues, gzip_check: GzipMemberCheck | None) -> None:
+        self._pipe = pipe
+        self._gzip_check = gzip_check
+        self._in = queues.to_hash
+        self._out = queues.to_write
+        self.hash = hashlib.sha256()
+
+    def run(self) -> None:
+        while True:
+            item = self._pipe.get(self._in)
+            if item is _END:
+                if self._gzip_check is not None:
+                    self._gzip_check.finish()
+                self._pipe.put(self._out, _END)
+                return
+            buf, n, _ = cast(_Filled, item)
+            with memoryview(buf) as view:
+                self.hash.update(view[:n])
+                if self._gzip_check is not None:
+                    self._gzip_check.update(view[:n])
+            self._pipe.put(self._out, (buf, n, n == BUFFER_SIZE and _is_zero(buf)))
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    """When the write stage flushes, and so how far the overlapped read-back verify may trail the writes."""
+
+    cached_bytes: int
+    """Data written through the page cache is flushed every this many bytes, and only then offered to the verifier.
+    A long run of zeros is applied in steps of this size too, so the verify goes on through it."""
+    direct_seconds: float
+    """Direct writes are on the device when they return: the verify follows them without any flush. Flushing the
+    device's write cache stalls the writes behind it, so while writing directly it happens by time, this often:
+    often enough to keep the final flush short, rarely enough not to slow the install."""
+
+    @classmethod
+    def default(cls) -> SyncPolicy:
+        return cls(cached_bytes=SYNC_INTERVAL, direct_seconds=DIRECT_SYNC_SECONDS)
+
+
+class WriteStage:
+    """Decoded buffers, in image order → the destination.
+
+    Its steps, per buffer: check the capacity; hold back the image's first buffer (its region is zeroed now, the
+    buffer written by `write_first_block` once the stream proved good); extend the open *zero run* with a buffer of
+    zeros, or apply the run and write the data, batched with whatever full data buffers are already decoded; flush as
+    the `SyncPolicy` says; tell the verifier how far the device holds the image; report progress.
+    """
+
+    def __init__(
+        self,
+        pipe: _Pipeline,
+        queues: _Queues,
+        dest: Destination,
+        *,
+        sync: SyncPolicy,
+        verifier: Verifier | None,
+        reader: _ReadStage,
+        total: int | None,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self._pipe = pipe
+        self._dest = dest
+        self._in = queues.to_write
+        self._free = queues.free
+        self._sync = sync
+        self._verifier = verifier
+        self._reader = reader
+        self._total = total
+        self._progress = progress
+        #: The image's size so far: what went to the destination, the held first buffer and an open zero run included.
+        self.offset = 0
+        #: Bytes the destination zeroed instead of writing them.
+        self.zeroed = 0
+        #: The image's first buffer and its length, written last (see the module docstring).
+        self.first_block: tuple[mmap.mmap, int] | None = None
+        #: Where the open run of zero buffers starts; -1 when none is open. A run is applied when data follows it.
+        self._zero_run_start = -1
+        #: An item taken from the queue while batching that did not belong in the batch: the next one to handle.
+        self._pending: object = None
+        #: Offset of the last flush of data written through the page cache.
+        self._flushed = 0
+        #: How far the verifier was told the device holds the image.
+        self._durable = 0
+        self._flushed_time = time.monotonic()
+        self._reported_time = 0.0
+
+    def run(self) -> None:
+        while True:
+            item = self._pending if self._pending is not None else self._pipe.get(self._in)
+            self._pending = None
+            if item is _END:
+                self._finish()
+                return
+            buf, n, all_zeros = cast(_Filled, item)
+            self._check_capacity(self.offset + n)
+            if self.offset == 0:
+                self._hold_first_block(buf, n)
+            elif all_zeros:
+                if self._zero_run_start < 0:
+                    self._zero_run_start = self.offset
+                self._free.put(buf)
+            else:
+                self._apply_zero_run(self.offset)
+                n = self._write_batch(buf, n)
+            self.offset += n
+            now = time.monotonic()
+            if self._dest.cached_writes:
+                self._flush_cached()
+            else:
+                self._follow_direct(now)
+            if self._progress is not None and now - self._reported_time >= PROGRESS_INTERVAL:
+                self._reported_time = now
+                self._progress(Progress("writing", self._reader.bytes, self._total, self.offset))
+
+    def write_first_block(self) -> None:
+        """The held first buffer, once the whole stream decoded cleanly and matched its checksum; then a flush."""
+        assert self.first_block is not None
+        buf, n = self.first_block
+        with memoryview(buf) as view:
+            self._dest.write_at(0, view[:n])
+        self._dest.sync()
+
+    def _check_capacity(self, end: int) -> None:
+        if self._dest.capacity is not None and end > self._dest.capacity:
+            raise errors.TooLarge(
+                f"the image is larger than {self._dest.description}: {end} bytes decoded so far, "
+                f"the target holds {self._dest.capacity}"
+            )
+
+    def _hold_first_block(self, buf: mmap.mmap, n: int) -> None:
+        """Invalidate whatever the target held before anything else is written; see the module docstring."""
+        self.first_block = (buf, n)
+        if self._verifier is not None:
+            self._verifier.first_block(memoryview(buf)[:n])
+        if not self._dest.zero(0, n):
+            with memoryview(_ZEROS) as zeros:
+                self._dest.write_at(0, zeros[:n])
+
+    def _apply_zero_run(self, end: int) -> None:
+        """Make the open zero run, up to ``end``, read as zeros: zeroed by the destination, or written if it cannot."""
+        start = self._zero_run_start
+        if start < 0:
+            return
+        if self._dest.zero(start, end - start):
+            self.zeroed += end - start
+        else:
+            with memoryview(_ZEROS) as zeros:
+                for pos in range(start, end, BUFFER_SIZE):
+                    self._dest.write_at(pos, zeros[: min(BUFFER_SIZE, end - pos)])
+        self._zero_run_start = -1
+
+    def _write_batch(self, buf: mmap.mmap, n: int) -> int:
+        """Write ``buf`` and whatever full data buffers are already decoded after it (fewer, larger writes); returns
+        how many bytes went out."""
+        batch = [(buf, n)]
+        end = self.offset + n
+        capacity = self._dest.capacity
+        while n == BUFFER_SIZE and len(batch) < WRITE_BATCH:
+            try:
+                following = self._in.get_nowait()
+            except queue.Empty:
+                break
+            if following is _END:
+                self._pending = following
+                break
+            next_buf, next_n, next_zeros = cast(_Filled, following)
+            if next_zeros or next_n != BUFFER_SIZE or (capacity is not None and end + next_n > capacity):
+                self._pending = following
+                break
+            batch.append((next_buf, next_n))
+            end += next_n
+        views = [memoryview(b)[:size] for b, size in batch]
+        try:
+            self._dest.write_batch(self.offset, views)
+        finally:
+            for view in views:
+                view.release()
+        for b, _ in batch:
+            self._free.put(b)
+        return end - self.offset
+
+    def _tell_verifier(self, offset: int) -> None:
+        """What the verifier may read: everything after the first block up to ``offset`` is on the device."""
+        if self._verifier is not None and offset > self._durable:
+            self._verifier.durable(offset)
+            self._durable = offset
+
+    def _flush_cached(self) -> None:
+        """Writes through the page cache reach the verifier only after a flush, every `SyncPolicy.cached_bytes`."""
+        if self.offset - self._flushed >= self._sync.cached_bytes:
+            self._apply_zero_run(self.offset)
+            self._dest.sync()
+            self._flushed = self.offset
+            self._tell_verifier(self.offset)
+
+    def _follow_direct(self, now: float) -> None:
+        """Direct writes and zeroings are what a direct read finds once they returned: the verifier follows them at
+        once, up to an open zero run, which is applied in steps so the verify goes on through a long one."""
+        if now - self._flushed_time >= self._sync.direct_seconds:
+            self._dest.sync()
+            self._flushed_time = now
+        if self._zero_run_start >= 0 and self.offset - self._zero_run_start >= self._sync.cached_bytes:
+            self._apply_zero_run(self.offset)
+        self._tell_verifier(self._zero_run_start if self._zero_run_start >= 0 else self.offset)
+
+    def _finish(self) -> None:
+        self._apply_zero_run(self.offset)
+        if self._progress is not None:
+            done = self._reader.bytes
+            self._progress(Progress("writing", done, self._total if self._total is not None else done, self.offset))
+        if self._verifier is not None and self.offset > self._durable:
+            if self._dest.cached_writes:
+                self._dest.sync()
+            self._tell_verifier(self.offset)
+
+
 def stream_image(
     source: ImageSource,
     dest: Destination,
@@ -310,7 +488,7 @@ def stream_image(
     Cancelled, DeviceError, Network; on any of them the first buffer of ``dest`` reads as zeros or was never written.
     """
     head = read_head(source)
-    detected = detect_format(head)
+    detected = detect_format(head)  # also when a format is forced: an empty or unrecognisable head is refused
     fmt = image_format or detected
     inflater: str | None = None
     # The gzip CRC-32 runs on the hashing thread, off the inflating one (see GzipMemberCheck).
@@ -318,197 +496,29 @@ def stream_image(
     if fmt is ImageFormat.GZIP:
         inflater, implementation = gzip_implementation(gzip_impl)
         gzip_check = GzipMemberCheck(implementation.crc32)
-    total = source_size if source_size is not None else source.size
 
     pipe = _Pipeline(cancel)
     pipe.check()
-    compressed: queue.Queue[object] = queue.Queue(maxsize=8)
-    to_hash: queue.Queue[object] = queue.Queue(maxsize=BUFFER_COUNT)
-    to_write: queue.Queue[object] = queue.Queue(maxsize=BUFFER_COUNT)
-    free: queue.Queue[object] = queue.Queue()
-    for _ in range(BUFFER_COUNT):
-        free.put(mmap.mmap(-1, BUFFER_SIZE))
-
+    queues = _Queues.make()
     # Published checksums are often of the compressed file; hash it only when there is one to compare with.
-    source_hash = hashlib.sha256(head) if expected_sha256 is not None and fmt is not ImageFormat.RAW else None
-    image_hash = hashlib.sha256()
-    source_bytes = len(head)
-    state = {"written": 0, "zeroed": 0, "image_size": 0}
-    held: list[tuple[mmap.mmap, int]] = []
-
-    def read_stage() -> None:
-        nonlocal source_bytes
-        while True:
-            pipe.check()
-            chunk = source.read(READ_CHUNK)
-            if not chunk:
-                pipe.put(compressed, _END)
-                return
-            if source_hash is not None:
-                source_hash.update(chunk)
-            source_bytes += len(chunk)
-            pipe.put(compressed, chunk)
-
-    def next_chunk() -> bytes:
-        item = pipe.get(compressed)
-        return b"" if item is _END else cast(bytes, item)
-
-    def decode_stage() -> None:
-        decoder = open_decoder(fmt, next_chunk, head, gzip_impl=gzip_impl, gzip_check=gzip_check)
-        while True:
-            buf = cast(mmap.mmap, pipe.get(free))
-            filled = 0
-            while filled < BUFFER_SIZE:
-                data = decoder.read(BUFFER_SIZE - filled)
-                if not data:
-                    break
-                buf[filled : filled + len(data)] = data
-                filled += len(data)
-            if filled:
-                pipe.put(to_hash, (buf, filled, False))
-            if filled < BUFFER_SIZE:
-                pipe.put(to_hash, _END)
-                return
-
-    def hash_stage() -> None:
-        while True:
-            item = pipe.get(to_hash)
-            if item is _END:
-                if gzip_check is not None:
-                    gzip_check.finish()
-                pipe.put(to_write, _END)
-                return
-            buf, n, _ = cast(_Filled, item)
-            with memoryview(buf) as view:
-                image_hash.update(view[:n])
-                if gzip_check is not None:
-                    gzip_check.update(view[:n])
-            # Runs of zeros (free space of a file system) are zeroed on the device instead of written.
-            all_zeros = n == BUFFER_SIZE and _is_zero(buf)
-            pipe.put(to_write, (buf, n, all_zeros))
-
-    def write_stage() -> None:
-        offset = 0
-        zero_run_start = -1
-        last_sync = 0
-        last_durable = 0
-        last_sync_time = time.monotonic()
-        last_report = 0.0
-
-        def flush_zeros(end: int) -> None:
-            nonlocal zero_run_start
-            if zero_run_start < 0:
-                return
-            length = end - zero_run_start
-            if dest.zero(zero_run_start, length):
-                state["zeroed"] += length
-            else:
-                pos = zero_run_start
-                with memoryview(_ZEROS) as zeros:
-                    while pos < end:
-                        n = min(BUFFER_SIZE, end - pos)
-                        dest.write_at(pos, zeros[:n])
-                        pos += n
-            zero_run_start = -1
-
-        def check_capacity(end: int) -> None:
-            if dest.capacity is not None and end > dest.capacity:
-                raise errors.TooLarge(
-                    f"the image is larger than {dest.description}: {end} bytes decoded so far, "
-                    f"the target holds {dest.capacity}"
-                )
-
-        pending: object = None
-        while True:
-            item = pending if pending is not None else pipe.get(to_write)
-            pending = None
-            if item is _END:
-                flush_zeros(offset)
-                state["image_size"] = offset
-                if progress is not None:
-                    progress(Progress("writing", source_bytes, total if total is not None else source_bytes, offset))
-                if verifier is not None and offset > last_durable:
-                    if dest.cached_writes:
-                        dest.sync()
-                    verifier.durable(offset)
-                return
-            buf, n, all_zeros = cast(_Filled, item)
-            check_capacity(offset + n)
-            if offset == 0:
-                # Invalidate whatever the target held before anything else is written; see the module docstring.
-                held.append((buf, n))
-                if verifier is not None:
-                    verifier.first_block(memoryview(buf)[:n])
-                if not dest.zero(0, n):
-                    with memoryview(_ZEROS) as zeros:
-                        dest.write_at(0, zeros[:n])
-            elif all_zeros:
-                if zero_run_start < 0:
-                    zero_run_start = offset
-                free.put(buf)
-            else:
-                flush_zeros(offset)
-                batch = [(buf, n)]
-                end = offset + n
-                # Take whatever else is already decoded, so the device gets fewer, larger writes.
-                while n == BUFFER_SIZE and len(batch) < WRITE_BATCH:
-                    try:
-                        following = to_write.get_nowait()
-                    except queue.Empty:
-                        break
-                    if following is _END:
-                        pending = following
-                        break
-                    next_buf, next_n, next_zeros = cast(_Filled, following)
-                    too_far = dest.capacity is not None and end + next_n > dest.capacity
-                    if next_zeros or next_n != BUFFER_SIZE or too_far:
-                        pending = following
-                        break
-                    batch.append((next_buf, next_n))
-                    end += next_n
-                views = [memoryview(b)[:size] for b, size in batch]
-                try:
-                    dest.write_batch(offset, views)
-                finally:
-                    for view in views:
-                        view.release()
-                for b, _ in batch:
-                    free.put(b)
-                n = end - offset
-            offset += n
-            state["written"] = offset
-            now = time.monotonic()
-            if dest.cached_writes:
-                if offset - last_sync >= SYNC_INTERVAL:
-                    flush_zeros(offset)
-                    dest.sync()
-                    last_sync = last_durable = offset
-                    if verifier is not None:
-                        verifier.durable(offset)
-            else:
-                # Direct writes need no flush to be read back: what a direct write or a zeroing returned from is what a
-                # direct read finds. Flushing the device's write cache stalls the writes behind it, so it happens by
-                # time, not by size: often enough to keep the final flush short, rarely enough not to slow the install.
-                if now - last_sync_time >= DIRECT_SYNC_SECONDS:
-                    dest.sync()
-                    last_sync_time = now
-                # An open zero run is not applied yet; a long one (the free space at the end of a file system) is
-                # applied in steps so the verify goes on.
-                if zero_run_start >= 0 and offset - zero_run_start >= SYNC_INTERVAL:
-                    flush_zeros(offset)
-                applied = zero_run_start if zero_run_start >= 0 else offset
-                if verifier is not None and applied > last_durable:
-                    verifier.durable(applied)
-                    last_durable = applied
-            if progress is not None and now - last_report >= 0.05:
-                last_report = now
-                progress(Progress("writing", source_bytes, total, offset))
-
+    reader = _ReadStage(pipe, queues, source, head, hashed=expected_sha256 is not None and fmt is not ImageFormat.RAW)
+    decoder = _DecodeStage(pipe, queues, fmt, head, gzip_impl=gzip_impl, gzip_check=gzip_check)
+    hasher = _HashStage(pipe, queues, gzip_check)
+    writer = WriteStage(
+        pipe,
+        queues,
+        dest,
+        sync=SyncPolicy.default(),
+        verifier=verifier,
+        reader=reader,
+        total=source_size if source_size is not None else source.size,
+        progress=progress,
+    )
     threads = [
-        pipe.run("read", read_stage),
-        pipe.run("decode", decode_stage),
-        pipe.run("hash", hash_stage),
-        pipe.run("write", write_stage),
+        pipe.run("read", reader.run),
+        pipe.run("decode", decoder.run),
+        pipe.run("hash", hasher.run),
+        pipe.run("write", writer.run),
     ]
     try:
         for thread in threads:
@@ -524,10 +534,11 @@ def stream_image(
     if pipe.error is not None:
         raise pipe.error
 
-    image_size = state["image_size"]
+    image_size = writer.offset
     if image_size == 0:
         raise errors.BadImage("the image decodes to zero bytes")
-    image_sha256 = image_hash.hexdigest()
+    image_sha256 = hasher.hash.hexdigest()
+    source_hash = reader.hash
     source_sha256 = image_sha256 if fmt is ImageFormat.RAW else source_hash.hexdigest() if source_hash else None
     matched: str | None = None
     if expected_sha256 is not None:
@@ -543,17 +554,14 @@ def stream_image(
                 f"(its compressed file {source_sha256}); the target was left incomplete"
             )
     pipe.check()
-    buf, n = held[0]
-    with memoryview(buf) as view:
-        dest.write_at(0, view[:n])
-    dest.sync()
+    writer.write_first_block()
     return StreamResult(
         image_format=fmt,
         inflater=inflater,
         image_size=image_size,
         image_sha256=image_sha256,
-        source_bytes=source_bytes,
+        source_bytes=reader.bytes,
         source_sha256=source_sha256,
-        zeroed_bytes=state["zeroed"],
+        zeroed_bytes=writer.zeroed,
         matched=matched,
     )

@@ -1,1 +1,1 @@
-"""The D-Bus transport (DESIGN §5, §6): interface.py adapts the engine, auth.py asks polkit, daemon.py is main."""
+"""The D-Bus transport (docs/dbus-api.md): interface.py adapts the engine, auth.py asks polkit, daemon.py is main."""

@@ -1,4 +1,4 @@
-"""Who may ask the service for what: polkit, asked about the caller's bus name (DESIGN §6).
+"""Who may ask the service for what: polkit, asked about the caller's bus name (docs/dbus-api.md).
 
 dbus-next does not hand the sender of a call to a ``@method``. A bus message handler (:func:`record_caller`) runs for
 every incoming message before the method is dispatched, in the same synchronous step in which dbus-next creates the

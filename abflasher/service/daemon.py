@@ -1,4 +1,4 @@
-"""``ab-flasherd``: the root D-Bus service (DESIGN §5).
+"""``ab-flasherd``: the root D-Bus service (docs/dbus-api.md).
 
 ``ab-flasherd [--config PATH] [--session] [--idle-timeout SECONDS]``. Logs to stderr (the journal under systemd).
 SIGTERM/SIGINT cancel a running job (its target stays marked incomplete), wait for the engine to stop, and exit.

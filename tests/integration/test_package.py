@@ -522,8 +522,11 @@ def stop_pid(pid: int, timeout: float = 30.0) -> None:
 @pytest.mark.root
 @pytest.mark.timeout(300)
 def test_a_member_gets_status_from_the_activated_service_and_an_outsider_is_refused(installed: Machine) -> None:
-    from tests.support.bus import PolkitDaemon, TestUsers, config_file_text, wait_until, world_readable_tempdir
+    from tests.support.bus import wait_until, world_readable_tempdir
+    from tests.support.polkit import PolkitDaemon
+    from tests.support.serviceprocess import config_file_text
     from tests.support.simpi import SimulatedPi
+    from tests.support.users import TestUsers
 
     workdir = world_readable_tempdir("abft-pkg-")
     original_conffile = CONFFILE.read_bytes()

@@ -23,26 +23,21 @@ from abflasher.service.auth import METHOD_ACTIONS
 from tests.pifirmware import KernelNotFound
 from tests.support.bus import (
     BUS_NAME,
-    ClientVenv,
     DBusDaemon,
-    PolkitDaemon,
-    ServiceProcess,
-    SignalRecorder,
-    TestUsers,
     bus_call,
-    config_file_text,
-    get_slots_concurrently,
-    installed_polkit_files,
     name_has_owner,
-    popen_as,
-    run_as,
     stop_process,
     wait_until,
     world_readable_tempdir,
 )
+from tests.support.clientvenv import ClientVenv
 from tests.support.httpserver import FaultServer
 from tests.support.pidisk import build_root_image
+from tests.support.polkit import PolkitDaemon, installed_polkit_files
+from tests.support.serviceprocess import ServiceProcess, config_file_text
+from tests.support.signals import SignalRecorder, get_slots_concurrently
 from tests.support.simpi import SimulatedPi
+from tests.support.users import TestUsers, popen_as, run_as
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -489,7 +484,7 @@ def test_the_service_is_started_by_bus_activation(rig: Rig, device: Device) -> N
 
 
 def test_the_idle_service_exits_and_gives_its_name_back(rig: Rig) -> None:
-    argv = [rig.venv.python, "-m", "tests.support.bus", "serve-fake", "--idle-timeout", "0.5"]
+    argv = [rig.venv.python, "-m", "tests.support.fakeupdater", "serve-fake", "--idle-timeout", "0.5"]
     with ServiceProcess(argv, rig.bus, cwd=rig.venv.src, log_name="idle.log") as process:
         assert rig.ctl(rig.users.outsider, "status").returncode == 0
         assert process.process.wait(30) == 0

@@ -1,7 +1,7 @@
 """The slow tier's machinery: a Debian guest with the `.deb` installed, a prefix-layout Pi disk, and a boot loop
 that asks the firmware model what boots and runs it in QEMU.
 
-x86 has no Pi firmware, so the host plays it between boots (DESIGN §8): before each boot `tests/pifirmware.py`
+x86 has no Pi firmware, so the host plays it between boots: before each boot `tests/pifirmware.py`
 decides, from the bytes of the disk image, which prefix folder (kernel, initrd, ``cmdline.txt``) boots; QEMU then
 runs that kernel with that cmdline (``-no-reboot``: a guest reboot ends QEMU, like a reset hands control back to
 the firmware). The one-shot ``reboot '0 tryboot'`` argument is the one thing x86 loses: a unit in the guest copies

@@ -1,5 +1,5 @@
-"""End-to-end (DESIGN §9, slow tier): the `.deb` installed in a Debian guest booted by QEMU, with the firmware model
-choosing what boots between boots. Run with `scripts/test-slow` (or `pytest --slow tests/slow` as root).
+"""End-to-end (the slow tier, docs/slow-tier.md): the `.deb` installed in a Debian guest booted by QEMU, with the
+firmware model choosing what boots between boots. Run with `scripts/test-slow` (or `pytest --slow tests/slow` as root).
 
 1. A good update: slot A (1.0.0) installs 1.1.0 into B through ab-flasherd (`abflasherctl update --file --reboot`),
    reboots with `0 tryboot`; the firmware boots B once on trial; ab-flasher-boot-check commits it; the next normal

@@ -4,7 +4,7 @@ The partition table comes from `sfdisk` run on the file, FAT boot partitions fro
 filled with mtools (`-i IMG@@BYTES`), ext4 roots from `mkfs.ext4 -d DIR -E offset=BYTES`. Nothing is mounted, so
 no loop device and no root is needed; a test that wants block devices can `losetup` the finished file itself.
 
-Two layouts (DESIGN §3):
+Two layouts (docs/architecture.md, "Disk layouts"):
 
 - ``prefix``: p1 FAT boot (``config.txt`` with ``os_prefix=a/``, ``a/`` and ``b/`` holding each slot's kernel, dtbs,
   overlays and ``cmdline.txt``), p2/p3 root A/B (ext4), p4 data (ext4).
@@ -29,7 +29,6 @@ from abflasher.boot.slotswitch import render_tryboot
 
 SECTOR = 512
 MIB = 1024 * 1024
-ALIGN_SECTORS = MIB // SECTOR
 
 Layout = Literal["prefix", "autoboot"]
 Slot = Literal["a", "b"]

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.bus import DBusDaemon, DbusmockPolkit
+from tests.support.bus import DBusDaemon
+from tests.support.polkit import DbusmockPolkit
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The firmware model itself (tests/pifirmware.py), rule by rule of DESIGN §8, on directory fixtures."""
+"""The firmware model itself (tests/pifirmware.py), rule by rule of its docstring, on directory fixtures."""
 
 from __future__ import annotations
 

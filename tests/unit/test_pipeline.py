@@ -15,8 +15,9 @@ import pytest
 
 from abflasher import errors
 from abflasher.disk.blockdev import ReadbackVerifier, open_target
+from abflasher.image.destinations import FileObjectWriter, TargetWriter
 from abflasher.image.formats import available_gzip_implementations
-from abflasher.image.pipeline import BUFFER_SIZE, FileObjectWriter, Progress, TargetWriter, stream_image
+from abflasher.image.pipeline import BUFFER_SIZE, Progress, stream_image
 from abflasher.image.sources import FdSource, FileSource
 from abflasher.install import install_image
 from tests.support.images import MIB, BytesSource, compress, payload

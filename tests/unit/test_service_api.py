@@ -36,23 +36,14 @@ from abflasher.service.interface import (
     method_names,
     progress_tuple,
 )
-from tests.support.bus import (
-    INTERFACE,
-    MIB,
-    REPO,
-    DBusDaemon,
-    DbusmockPolkit,
-    FakeUpdater,
-    InProcessService,
-    error_of,
-    ok,
-    open_fd_count,
-)
+from tests.support.bus import INTERFACE, MIB, REPO, DBusDaemon
+from tests.support.fakeupdater import FakeUpdater
+from tests.support.inprocess import InProcessService, error_of, ok, open_fd_count
+from tests.support.polkit import DbusmockPolkit
 
 pytestmark = pytest.mark.timeout(60)
 
 ERR = "org.abflasher.Updater1.Error."
-ALL_ACTIONS = [ACTION_UPDATE, ACTION_DOWNGRADE, ACTION_MANAGE_BOOT]
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 45.0) -> Any:

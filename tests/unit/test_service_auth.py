@@ -25,7 +25,9 @@ from abflasher.service.auth import (
     Caller,
     PolkitAuthorizer,
 )
-from tests.support.bus import DBusDaemon, FakeUpdater, InProcessService, error_of, ok
+from tests.support.bus import DBusDaemon
+from tests.support.fakeupdater import FakeUpdater
+from tests.support.inprocess import InProcessService, error_of, ok
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,7 +22,9 @@ from dbus_next.message import Message
 from abflasher import errors
 from abflasher.ctl import EXIT_UNAVAILABLE, Output, ProgressView, ServiceUnavailable, error_from_reply, human_bytes
 from abflasher.service.auth import ACTION_MANAGE_BOOT, ACTION_UPDATE
-from tests.support.bus import MIB, REPO, DBusDaemon, DbusmockPolkit, ServiceProcess, stop_process
+from tests.support.bus import MIB, REPO, DBusDaemon, stop_process
+from tests.support.polkit import DbusmockPolkit
+from tests.support.serviceprocess import ServiceProcess
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -41,7 +43,7 @@ def polkit(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> Iterator[Dbusmo
 
 
 def start_fake(bus: DBusDaemon, *args: str) -> ServiceProcess:
-    return ServiceProcess([sys.executable, "-m", "tests.support.bus", "serve-fake", *args], bus, cwd=REPO)
+    return ServiceProcess([sys.executable, "-m", "tests.support.fakeupdater", "serve-fake", *args], bus, cwd=REPO)
 
 
 @pytest.fixture
