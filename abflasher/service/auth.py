@@ -23,7 +23,12 @@ from abflasher import errors
 
 log = logging.getLogger(__name__)
 
+#: Install a version from the configured channel (image_url), or cancel an update.
 ACTION_UPDATE = "org.abflasher.update"
+#: Install an image the caller chose: from a URL it names (Update's ``url`` option) or from a file it hands over
+#: (UpdateFromFd). Whoever may do this can run any code as root on the next boot, so the shipped rules keep it for
+#: administrators.
+ACTION_UPDATE_FROM_SOURCE = "org.abflasher.update-from-source"
 ACTION_DOWNGRADE = "org.abflasher.downgrade"
 ACTION_MANAGE_BOOT = "org.abflasher.manage-boot"
 
@@ -33,11 +38,11 @@ GROUP = "abflasher"
 #: Methods of org.abflasher.Updater1 that change nothing; they need no authorization.
 READ_ONLY_METHODS: frozenset[str] = frozenset({"GetSlots", "Check"})
 
-#: Every other method of org.abflasher.Updater1 and the polkit action it needs. A unit test fails when the interface
-#: has a method that is in neither table.
+#: Every other method of org.abflasher.Updater1 and the polkit action it needs (Update with a ``url`` option needs
+#: ACTION_UPDATE_FROM_SOURCE instead). A unit test fails when the interface has a method that is in neither table.
 METHOD_ACTIONS: Mapping[str, str] = {
     "Update": ACTION_UPDATE,
-    "UpdateFromFd": ACTION_UPDATE,
+    "UpdateFromFd": ACTION_UPDATE_FROM_SOURCE,
     "Cancel": ACTION_UPDATE,
     "Reboot": ACTION_MANAGE_BOOT,
     "MarkGood": ACTION_MANAGE_BOOT,
@@ -58,6 +63,7 @@ _NO_POLKIT_ERRORS = frozenset(
 
 _ACTION_WORDS = {
     ACTION_UPDATE: "install or cancel updates",
+    ACTION_UPDATE_FROM_SOURCE: "install an image of your choosing (from a URL or a file)",
     ACTION_DOWNGRADE: "install an older version",
     ACTION_MANAGE_BOOT: "reboot or change which slot boots",
 }
@@ -93,6 +99,12 @@ def not_authorized_message(action: str, *, challenge: bool, interactive: bool = 
     group_hint = f"add yourself to the {GROUP} group (sudo adduser $USER {GROUP}) and log in again"
     if action == ACTION_DOWNGRADE:
         return f"not allowed to {what}: downgrades need an administrator's password (run the command in a terminal)"
+    if action == ACTION_UPDATE_FROM_SOURCE and not (challenge and interactive):
+        return (
+            f"not allowed to {what}: that needs an administrator's password (run the command in a terminal), or a "
+            f"polkit rule granting {ACTION_UPDATE_FROM_SOURCE}; members of the {GROUP} group may install the "
+            "configured channel's versions"
+        )
     if challenge and interactive:
         return f"not allowed to {what}: authentication failed or was cancelled (to skip it, {group_hint})"
     if challenge:

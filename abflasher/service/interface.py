@@ -35,6 +35,7 @@ from abflasher.service.auth import (
     ACTION_DOWNGRADE,
     ACTION_MANAGE_BOOT,
     ACTION_UPDATE,
+    ACTION_UPDATE_FROM_SOURCE,
     Authorizer,
     current_caller,
     record_caller,
@@ -60,6 +61,15 @@ STATES = ("idle", "preparing", "downloading", "writing", "verifying", "configuri
 _STAGE_STATES = frozenset({"preparing", "downloading", "writing", "verifying", "configuring"})
 REBOOT_MODES = ("normal", "trial", "recovery")
 PROGRESS_INTERVAL = 0.1
+#: How long a Cancel waits for the job to end before it says the job is still stopping.
+CANCEL_TIMEOUT = 30.0
+#: An update channel's answer (or failure) is reused for this long: Check() needs no authorization, and a flood of
+#: calls must not become a flood of threads and requests in a root process.
+CHECK_INTERVAL = 10.0
+PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
+_STANDARD_INTERFACES = frozenset(
+    {PROPERTIES_INTERFACE, "org.freedesktop.DBus.Introspectable", "org.freedesktop.DBus.Peer"}
+)
 INTERNAL_ERROR_MESSAGE = "internal error in the ab-flasher service; its log (journalctl -u ab-flasher) has the details"
 
 _INTEGER_SIGNATURES = frozenset("yqutnix")
@@ -292,6 +302,12 @@ def adopt_image_fd(received: int) -> int:
     return fd
 
 
+def interactive_option(options: Mapping[str, Variant]) -> bool:
+    """The ``interactive`` option as it is before the options are validated (which happens after authorization)."""
+    value = options.get("interactive")
+    return isinstance(value, Variant) and value.signature == "b" and bool(value.value)
+
+
 def _image_fd_size(fd: int) -> int | None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -320,6 +336,42 @@ def release_unused_fds(message: Message) -> None:
         if fd != keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def refuse_property_errors(message: Message, property_names: frozenset[str]) -> Message | None:
+    """Bus message handler: answer the Properties calls on our object that dbus-next would answer by raising (every
+    Set, since all properties are read-only; an unknown interface or property; a wrong signature). dbus-next sends
+    the error too, but then logs a traceback for it, so any local user could flood the journal."""
+    if (
+        message.message_type != MessageType.METHOD_CALL
+        or message.path != OBJECT_PATH
+        or message.interface != PROPERTIES_INTERFACE
+    ):
+        return None
+    expected = {"Get": "ss", "GetAll": "s", "Set": "ssv"}.get(message.member or "")
+    if expected is None:
+        return None
+    if message.signature != expected:
+        return Message.new_error(
+            message, "org.freedesktop.DBus.Error.InvalidArgs", f"{message.member} takes arguments of type {expected}"
+        )
+    interface = message.body[0]
+    if interface in _STANDARD_INTERFACES:
+        # Interfaces without properties.
+        if message.member == "GetAll":
+            return Message.new_method_return(message, "a{sv}", [{}])
+        return Message.new_error(message, "org.freedesktop.DBus.Error.UnknownProperty", "no such property")
+    if interface != INTERFACE_NAME:
+        return Message.new_error(message, "org.freedesktop.DBus.Error.UnknownInterface", "no such interface")
+    if message.member == "GetAll":
+        return None
+    if message.body[1] not in property_names:
+        return Message.new_error(message, "org.freedesktop.DBus.Error.UnknownProperty", "no such property")
+    if message.member == "Set":
+        return Message.new_error(
+            message, "org.freedesktop.DBus.Error.PropertyReadOnly", f"the properties of {INTERFACE_NAME} are read-only"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -430,7 +482,8 @@ class UpdaterInterface(ServiceInterface):
         authorizer: Authorizer,
         *,
         progress_interval: float = PROGRESS_INTERVAL,
-        cancel_timeout: float = 30.0,
+        cancel_timeout: float = CANCEL_TIMEOUT,
+        check_interval: float = CHECK_INTERVAL,
     ) -> None:
         super().__init__(INTERFACE_NAME)
         self._updater = updater
@@ -442,6 +495,9 @@ class UpdaterInterface(ServiceInterface):
         self._occupied_by = ""
         self._job_counter = 0
         self._status_call: asyncio.Future[SystemStatus] | None = None
+        self._check_interval = check_interval
+        self._check_call: asyncio.Future[CheckResult] | None = None
+        self._check_ended = float("-inf")
         self._background: set[asyncio.Task[Any]] = set()
         self._calls_in_progress = 0
         self._last_activity = time.monotonic()
@@ -462,6 +518,8 @@ class UpdaterInterface(ServiceInterface):
         that record each caller and release stray fds."""
         bus.add_message_handler(record_caller)
         bus.add_message_handler(release_unused_fds)
+        property_names = frozenset(self._properties)
+        bus.add_message_handler(lambda message: refuse_property_errors(message, property_names))
         bus.export(OBJECT_PATH, self)
 
     def idle_seconds(self) -> float:
@@ -544,6 +602,21 @@ class UpdaterInterface(ServiceInterface):
         if self._status_call is None or self._status_call.done():
             self._status_call = asyncio.ensure_future(self._in_thread(self._updater.status))
         return await asyncio.shield(self._status_call)
+
+    async def _check(self) -> CheckResult:
+        """The engine's channel check: concurrent callers share one, and its answer serves every caller for
+        ``check_interval`` seconds after it ended."""
+        call = self._check_call
+        fresh = call is not None and (not call.done() or time.monotonic() - self._check_ended < self._check_interval)
+        if call is None or not fresh:
+            call = self._check_call = asyncio.ensure_future(self._in_thread(self._updater.check))
+            call.add_done_callback(self._check_done)
+        return await asyncio.shield(call)
+
+    def _check_done(self, call: asyncio.Future[CheckResult]) -> None:
+        self._check_ended = time.monotonic()
+        if not call.cancelled():
+            call.exception()  # retrieved here, so a failure nobody waited for is not logged as never retrieved
 
     async def _authorize(self, action: str, *, interactive: bool = False) -> None:
         await self._authorizer.authorize(current_caller(), action, interactive=interactive)
@@ -652,7 +725,7 @@ class UpdaterInterface(ServiceInterface):
 
     @_dbus_method(returns="a{sv}", out_names=("result",))
     async def Check(self) -> dict[str, Variant]:
-        result = await self._in_thread(self._updater.check)
+        result = await self._check()
         return {
             "current": Variant("s", result.current),
             "available": Variant("s", result.available),
@@ -661,9 +734,12 @@ class UpdaterInterface(ServiceInterface):
 
     @_dbus_method("s", "a{sv}", returns="s", out_names=("job",))
     async def Update(self, version: str, options: dict[str, Variant]) -> str:
+        # Authorization comes before any validation: a caller who may not update learns nothing about its arguments.
+        # A URL of the caller's choosing is an image of the caller's choosing: its own action.
+        action = ACTION_UPDATE_FROM_SOURCE if "url" in options else ACTION_UPDATE
+        interactive = interactive_option(options)
+        await self._authorize(action, interactive=interactive)
         values = parse_options(options, UPDATE_OPTIONS)
-        interactive = bool(values.get("interactive", False))
-        await self._authorize(ACTION_UPDATE, interactive=interactive)
         if values.get("allow-downgrade"):
             await self._authorize(ACTION_DOWNGRADE, interactive=interactive)
         if not version.strip():
@@ -679,11 +755,17 @@ class UpdaterInterface(ServiceInterface):
 
     @_dbus_method("h", "a{sv}", returns="s", out_names=("job",))
     async def UpdateFromFd(self, image: int, options: dict[str, Variant]) -> str:
+        interactive = interactive_option(options)
+        try:
+            # Before the fd and the options are looked at: see Update.
+            await self._authorize(ACTION_UPDATE_FROM_SOURCE, interactive=interactive)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(image)
+            raise
         fd = adopt_image_fd(image)
         try:
             values = parse_options(options, UPDATE_FROM_FD_OPTIONS)
-            interactive = bool(values.get("interactive", False))
-            await self._authorize(ACTION_UPDATE, interactive=interactive)
             if values.get("allow-downgrade"):
                 await self._authorize(ACTION_DOWNGRADE, interactive=interactive)
             size = values.get("size")
@@ -714,7 +796,12 @@ class UpdaterInterface(ServiceInterface):
         try:
             await asyncio.wait_for(asyncio.shield(running.done), self._cancel_timeout)
         except TimeoutError:
+            # Never a success for a job that still runs: the caller must not take the slot for free.
             log.warning("job %s: still stopping %.0f s after the cancel request", running.id, self._cancel_timeout)
+            raise errors.Busy(
+                f"job {running.id} is still stopping {self._cancel_timeout:.0f} s after the cancel request; its "
+                "Completed signal will say when it has ended"
+            ) from None
 
     @_dbus_method("s")
     async def Reboot(self, mode: str) -> None:

@@ -26,6 +26,7 @@ from abflasher.service.auth import (
     ACTION_DOWNGRADE,
     ACTION_MANAGE_BOOT,
     ACTION_UPDATE,
+    ACTION_UPDATE_FROM_SOURCE,
     METHOD_ACTIONS,
     READ_ONLY_METHODS,
 )
@@ -52,7 +53,7 @@ from tests.support.bus import (
 pytestmark = pytest.mark.timeout(60)
 
 ERR = "org.abflasher.Updater1.Error."
-ALL_ACTIONS = [ACTION_UPDATE, ACTION_DOWNGRADE, ACTION_MANAGE_BOOT]
+ALL_ACTIONS = [ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE, ACTION_DOWNGRADE, ACTION_MANAGE_BOOT]
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 45.0) -> Any:
@@ -405,7 +406,7 @@ def _feed(fd: int, data: bytes, *, stop_after: int | None = None) -> threading.T
 
 
 def test_update_from_a_pipe_streams_it(address: str, polkit: DbusmockPolkit) -> None:
-    allow(polkit, ACTION_UPDATE)
+    allow(polkit, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE)
     updater = FakeUpdater()
     data = os.urandom(3 * MIB + 123)
     baseline = open_fd_count()
@@ -436,7 +437,7 @@ def test_update_from_a_pipe_streams_it(address: str, polkit: DbusmockPolkit) -> 
 
 
 def test_a_pipe_that_breaks_mid_stream_fails_the_job_cleanly(address: str, polkit: DbusmockPolkit) -> None:
-    allow(polkit, ACTION_UPDATE)
+    allow(polkit, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE)
     updater = FakeUpdater()
     data = os.urandom(2 * MIB)
     baseline = open_fd_count()
@@ -465,7 +466,7 @@ def test_a_pipe_that_breaks_mid_stream_fails_the_job_cleanly(address: str, polki
 def test_update_from_fd_refuses_what_is_not_a_readable_file_or_pipe(
     address: str, polkit: DbusmockPolkit, tmp_path: Path
 ) -> None:
-    allow(polkit, ACTION_UPDATE)
+    allow(polkit, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE)
     image = tmp_path / "image"
     image.write_bytes(b"x" * 4096)
     baseline = open_fd_count()
@@ -493,7 +494,7 @@ def test_update_from_fd_refuses_what_is_not_a_readable_file_or_pipe(
 def test_update_from_a_regular_file_gets_its_size_from_the_fd(
     address: str, polkit: DbusmockPolkit, tmp_path: Path
 ) -> None:
-    allow(polkit, ACTION_UPDATE)
+    allow(polkit, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE)
     updater = FakeUpdater()
     image = tmp_path / "image"
     image.write_bytes(os.urandom(MIB))
