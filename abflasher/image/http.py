@@ -22,6 +22,7 @@ import urllib3
 
 from abflasher import errors
 from abflasher.image.locations import check_http_url, redact_text, redact_url
+from abflasher.image.watched_session import NEW_SOCKET_WATCHER, watched_session
 
 if TYPE_CHECKING:
     from abflasher.config import Config
@@ -199,7 +200,7 @@ class HttpSource:
         self._label = label
         self._url = url  # where the body comes from: updated by redirects so that resumes skip them
         self._own_session = session is None
-        self._session = session if session is not None else requests.Session()
+        self._session = session if session is not None else watched_session()
         self._timeout = (connect_timeout, read_timeout)
         self._retries = retries
         self._backoff = backoff
@@ -210,6 +211,7 @@ class HttpSource:
         self._closed = threading.Event()
         self._cancel = cancel
         self._resp_lock = threading.Lock()
+        self._request_socket: socket.socket | None = None
 
         # What the first response said, to recognise the same image on later requests.
         self._seen_first_body = False
@@ -311,15 +313,23 @@ class HttpSource:
         self._closed.set()
         with self._resp_lock:
             resp = self._resp
-        if resp is None:
-            return
-        sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
-        if sock is None:
+            # A request still waiting for its answer (a connection made by a session of our own, see below).
+            sockets = [self._request_socket]
+        if resp is not None:
+            sockets.append(getattr(getattr(resp.raw, "_connection", None), "sock", None))
             fp = getattr(getattr(resp.raw, "_fp", None), "fp", None)
-            sock = getattr(getattr(fp, "raw", None), "_sock", None)
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            sockets.append(getattr(getattr(fp, "raw", None), "_sock", None))
+        for sock in sockets:
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _watch_socket(self, sock: socket.socket) -> None:
+        """Called with each connection this source's requests open, before anything is sent on it."""
+        with self._resp_lock:
+            self._request_socket = sock
+        if self._closed.is_set():
+            self.abort()
 
     def _abort_on_cancel(self) -> None:
         assert self._cancel is not None
@@ -376,6 +386,7 @@ class HttpSource:
     def _get_following_redirects(self, headers: dict[str, str]) -> requests.Response:
         url = self._url
         for _hop in range(self._max_redirects + 1):
+            watching = NEW_SOCKET_WATCHER.set(self._watch_socket)
             try:
                 resp = self._session.get(
                     url,
@@ -397,6 +408,8 @@ class HttpSource:
                 raise errors.Network(
                     f"cannot download {self._label} {redact_url(url)}: {_describe_failure(exc)}"
                 ) from exc
+            finally:
+                NEW_SOCKET_WATCHER.reset(watching)
             if resp.status_code not in _REDIRECT_STATUSES:
                 self._url = url
                 return resp

@@ -150,6 +150,8 @@ def _setup_logging(debug: bool) -> None:
     if "JOURNAL_STREAM" not in os.environ:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, stream=sys.stderr)
+    # urllib3 logs every request line, query string (a token) included, at DEBUG: never into the journal.
+    logging.getLogger("urllib3").setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

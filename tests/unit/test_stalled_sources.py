@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import io
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -155,6 +156,21 @@ def test_cancel_ends_a_download_stalled_mid_body(server: FaultServer, session: r
         assert isinstance(reading.wait().error, errors.Cancelled)
     finally:
         source.close()
+
+
+def test_cancel_ends_a_request_whose_answer_never_comes() -> None:
+    """A server that takes the connection and never answers: the request waits inside requests, where only the
+    socket the source's own session opened can be reached."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/img"
+        cancel = threading.Event()
+        opening = Outcome(lambda: HttpSource(url, cancel=cancel, **FAST))
+        silent.settimeout(ENDS_WITHIN)
+        connection, _ = silent.accept()
+        with connection:
+            assert connection.recv(4096).startswith(b"GET /img ")  # the request is out; its answer never comes
+            cancel.set()
+            assert isinstance(opening.wait().error, errors.Cancelled)
 
 
 def test_abort_ends_a_download_without_length_instead_of_ending_it_cleanly(
