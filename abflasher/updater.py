@@ -676,6 +676,13 @@ class Updater:
             version = read_version_file(_read_or_none(root / VERSION_FILE))
             if not version:
                 raise errors.BadImage(f"the image has no readable /{VERSION_FILE}: it is not an ab-flasher slot image")
+            try:
+                parse_version(version)
+            except errors.InvalidArgument:
+                # Not quoted: the file came with the image, and is no caller's argument.
+                raise errors.BadImage(
+                    f"the image's /{VERSION_FILE} does not hold a valid version (like 1.4.0)"
+                ) from None
             if request.version and compare_versions(version, request.version) != 0:
                 raise errors.BadImage(f"the image holds version {version}, not the requested {request.version}")
             if not request.version:

@@ -54,6 +54,9 @@ def check_http_url(url: str, label: str = "image") -> None:
         host = parts.hostname
         _ = parts.port  # a port that is not a number raises here
     except ValueError as exc:
-        raise errors.InvalidArgument(f"{label} URL {redact_url(url)!r} is malformed: {exc}") from exc
+        # Not urllib's own words: they quote the part it could not read, which may be a password.
+        raise errors.InvalidArgument(
+            f"{label} URL is malformed: its host or port cannot be read (give http://host[:port]/path)"
+        ) from exc
     if not host:
         raise errors.InvalidArgument(f"{label} URL {redact_url(url)!r} has no host name")

@@ -221,6 +221,13 @@ def test_a_checksum_files_content_is_not_repeated(server: FaultServer, session: 
         assert "checksum file" in str(caught.value)
 
 
+def test_a_malformed_url_is_refused_without_quoting_it() -> None:
+    for url in ("http://user:PASS/x.img", "http://user:PASS@host:PASS2/x.img", "http://[::1/PASS"):
+        with pytest.raises(errors.InvalidArgument, match="malformed") as caught:
+            HttpSource(url)
+        assert "PASS" not in str(caught.value)
+
+
 def test_urls_lose_credentials_and_query_wherever_they_are_shown() -> None:
     url = "http://user:PASS@host:8080/x.img.gz?token=TOK#frag"
     assert redact_url(url) == "http://host:8080/x.img.gz"
