@@ -9,7 +9,6 @@ method's task; asyncio copies the current context into that task, so what the ha
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,35 +19,15 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from abflasher import errors
+from abflasher.service.contract import (
+    ACTION_DOWNGRADE,
+    ACTION_MANAGE_BOOT,
+    ACTION_UPDATE,
+    ACTION_UPDATE_FROM_SOURCE,
+    GROUP,
+)
 
 log = logging.getLogger(__name__)
-
-#: Install a version from the configured channel (image_url), or cancel an update.
-ACTION_UPDATE = "org.abflasher.update"
-#: Install an image the caller chose: from a URL it names (Update's ``url`` option) or from a file it hands over
-#: (UpdateFromFd). Whoever may do this can run any code as root on the next boot, so the shipped rules keep it for
-#: administrators.
-ACTION_UPDATE_FROM_SOURCE = "org.abflasher.update-from-source"
-ACTION_DOWNGRADE = "org.abflasher.downgrade"
-ACTION_MANAGE_BOOT = "org.abflasher.manage-boot"
-
-#: The system group the shipped polkit rules let do updates and manage boot without a password.
-GROUP = "abflasher"
-
-#: Methods of org.abflasher.Updater1 that change nothing; they need no authorization.
-READ_ONLY_METHODS: frozenset[str] = frozenset({"GetSlots", "Check"})
-
-#: Every other method of org.abflasher.Updater1 and the polkit action it needs (Update with a ``url`` option needs
-#: ACTION_UPDATE_FROM_SOURCE instead). A unit test fails when the interface has a method that is in neither table.
-METHOD_ACTIONS: Mapping[str, str] = {
-    "Update": ACTION_UPDATE,
-    "UpdateFromFd": ACTION_UPDATE_FROM_SOURCE,
-    "Cancel": ACTION_UPDATE,
-    "Reboot": ACTION_MANAGE_BOOT,
-    "MarkGood": ACTION_MANAGE_BOOT,
-    "MarkBad": ACTION_MANAGE_BOOT,
-    "Rollback": ACTION_MANAGE_BOOT,
-}
 
 POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"

@@ -24,7 +24,9 @@ from dbus_next.errors import DBusError
 from abflasher import __version__, errors
 from abflasher.config import DEFAULT_PATH, load_config
 from abflasher.service.auth import Authorizer, PolkitAuthorizer
-from abflasher.service.interface import BUS_NAME, UpdaterEngine, UpdaterInterface, quiet_sent_dbus_errors
+from abflasher.service.contract import BUS_NAME
+from abflasher.service.dbus_adapter import quiet_sent_dbus_errors
+from abflasher.service.interface import UpdaterEngine, UpdaterInterface
 from abflasher.updater import Updater
 
 log = logging.getLogger("abflasher.service")

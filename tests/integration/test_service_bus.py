@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from dbus_next.constants import MessageType
 
-from abflasher.service.auth import METHOD_ACTIONS
+from abflasher.service.interface import METHOD_ACTIONS
 from tests.support.bus import (
     BUS_NAME,
     ServiceProcess,

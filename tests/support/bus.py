@@ -46,6 +46,7 @@ from dbus_next.message import Message
 
 from abflasher import errors
 from abflasher.image.pipeline import Progress
+from abflasher.service.contract import BUS_NAME, GROUP, INTERFACE_NAME, OBJECT_PATH
 from abflasher.updater import (
     BootCheckResult,
     CheckResult,
@@ -63,10 +64,7 @@ POLKIT_ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
 POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
 POLICY_FILE = "org.abflasher.Updater.policy"
 RULES_FILE = "org.abflasher.Updater.rules"
-GROUP = "abflasher"
-BUS_NAME = "org.abflasher.Updater"
-OBJECT_PATH = "/org/abflasher/Updater"
-INTERFACE = "org.abflasher.Updater1"
+INTERFACE = INTERFACE_NAME
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 MIB = 1 << 20
@@ -781,7 +779,8 @@ class InProcessService:
 
     async def __aenter__(self) -> InProcessService:
         from abflasher.service.auth import PolkitAuthorizer
-        from abflasher.service.interface import UpdaterInterface, quiet_sent_dbus_errors
+        from abflasher.service.dbus_adapter import quiet_sent_dbus_errors
+        from abflasher.service.interface import UpdaterInterface
 
         quiet_sent_dbus_errors(asyncio.get_running_loop())
         self.service_bus = await MessageBus(bus_address=self.address, negotiate_unix_fd=True).connect()

@@ -22,21 +22,15 @@ from dbus_next.signature import Variant
 
 from abflasher import errors
 from abflasher.image.pipeline import Progress
-from abflasher.service.auth import (
+from abflasher.service.contract import (
     ACTION_DOWNGRADE,
     ACTION_MANAGE_BOOT,
     ACTION_UPDATE,
     ACTION_UPDATE_FROM_SOURCE,
-    METHOD_ACTIONS,
-    READ_ONLY_METHODS,
 )
-from abflasher.service.interface import (
-    INTERNAL_ERROR_MESSAGE,
-    ProgressThrottle,
-    UpdaterInterface,
-    method_names,
-    progress_tuple,
-)
+from abflasher.service.dbus_adapter import INTERNAL_ERROR_MESSAGE, method_names
+from abflasher.service.interface import METHOD_ACTIONS, READ_ONLY_METHODS, UpdaterInterface
+from abflasher.service.progress import ProgressThrottle, progress_tuple
 from tests.support.bus import (
     INTERFACE,
     MIB,

@@ -16,16 +16,14 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from abflasher import errors
-from abflasher.service.auth import (
+from abflasher.service.auth import POLKIT_ALLOW_USER_INTERACTION, Caller, PolkitAuthorizer
+from abflasher.service.contract import (
     ACTION_DOWNGRADE,
     ACTION_MANAGE_BOOT,
     ACTION_UPDATE,
     ACTION_UPDATE_FROM_SOURCE,
-    METHOD_ACTIONS,
-    POLKIT_ALLOW_USER_INTERACTION,
-    Caller,
-    PolkitAuthorizer,
 )
+from abflasher.service.interface import METHOD_ACTIONS
 from tests.support.bus import DBusDaemon, FakeUpdater, InProcessService, error_of, ok
 
 pytestmark = pytest.mark.timeout(60)

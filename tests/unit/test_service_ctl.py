@@ -21,7 +21,7 @@ from dbus_next.message import Message
 
 from abflasher import errors
 from abflasher.ctl import EXIT_UNAVAILABLE, Output, ProgressView, ServiceUnavailable, error_from_reply, human_bytes
-from abflasher.service.auth import ACTION_MANAGE_BOOT, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE
+from abflasher.service.contract import ACTION_MANAGE_BOOT, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE
 from tests.support.bus import MIB, REPO, DBusDaemon, DbusmockPolkit, ServiceProcess, stop_process
 
 pytestmark = pytest.mark.timeout(90)

@@ -18,7 +18,9 @@ from dbus_next.signature import Variant
 
 from abflasher import errors
 from abflasher.image.pipeline import Progress
-from abflasher.service.auth import ACTION_UPDATE
+from abflasher.service.contract import ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE
+from abflasher.service.dbus_adapter import method_guards
+from abflasher.service.interface import METHOD_ACTIONS, READ_ONLY_METHODS, UpdaterInterface
 from abflasher.updater import CheckResult, PreparedUpdate, UpdateOutcome
 from tests.support.bus import INTERFACE, DBusDaemon, DbusmockPolkit, FakeUpdater, InProcessService, error_of, ok
 
@@ -43,6 +45,17 @@ def polkit(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> Iterator[Dbusmo
     run(polkit.set_allowed([]))
     yield polkit
     run(polkit.set_allowed([]))
+
+
+def test_every_method_declares_its_guard_and_the_tables_are_derived_from_them() -> None:
+    guards = method_guards(UpdaterInterface)
+    assert None not in guards.values(), [name for name, guard in guards.items() if guard is None]
+    assert set(guards) == set(METHOD_ACTIONS) | READ_ONLY_METHODS
+    assert {"GetSlots", "Check"} == READ_ONLY_METHODS
+    update = guards["Update"]
+    assert update is not None
+    assert update.action_for(("1.0", {})) == ACTION_UPDATE
+    assert update.action_for(("1.0", {"url": Variant("s", "http://x/y")})) == ACTION_UPDATE_FROM_SOURCE
 
 
 def test_property_writes_and_bad_property_calls_get_clean_errors_and_no_traceback(
