@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from abflasher.service.contract import ERROR_PREFIX
 from tests.pifirmware import KernelNotFound
 from tests.support.bus import (
     POLKIT_RULES_DIR,
@@ -36,7 +37,7 @@ from tests.support.simpi import SimulatedPi
 
 MIB = 1 << 20
 IMAGE_MB = 24
-ERR = "org.abflasher.Updater1.Error."
+ERR = ERROR_PREFIX
 #: A fleet's own rule next to the shipped ones (see the module docstring).
 SOURCES_RULES_FILE = "49-abflasher-test-sources.rules"
 

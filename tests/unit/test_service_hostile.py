@@ -18,7 +18,7 @@ from dbus_next.signature import Variant
 
 from abflasher import errors
 from abflasher.image.pipeline import Progress
-from abflasher.service.contract import ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE
+from abflasher.service.contract import ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE, ERROR_PREFIX, PROPERTIES_INTERFACE
 from abflasher.service.dbus_adapter import method_guards
 from abflasher.service.interface import METHOD_ACTIONS, READ_ONLY_METHODS, UpdaterInterface
 from abflasher.updater import CheckResult, PreparedUpdate, UpdateOutcome
@@ -26,8 +26,8 @@ from tests.support.bus import INTERFACE, DBusDaemon, DbusmockPolkit, FakeUpdater
 
 pytestmark = pytest.mark.timeout(60)
 
-ERR = "org.abflasher.Updater1.Error."
-PROPERTIES = "org.freedesktop.DBus.Properties"
+ERR = ERROR_PREFIX
+PROPERTIES = PROPERTIES_INTERFACE
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 45.0) -> Any:
