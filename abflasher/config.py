@@ -68,6 +68,9 @@ class Config:
     http_connect_timeout: float = 10.0
     http_read_timeout: float = 60.0
     http_retries: int = 5
+    #: Seconds an uploaded image (UpdateFromFd, a pipe or socket) may send nothing before the update is cancelled,
+    #: so an uploader that vanished without closing frees the service; 0: wait forever.
+    upload_idle_timeout: float = 60.0
     #: Optional boot artifact URL ({version}): a boot partition image (autoboot) or a tarball (prefix).
     boot_artifact_url: str = ""
 
@@ -119,6 +122,11 @@ def _validate(config: Config) -> None:
     if config.health_systemd not in ("running", "degraded-ok", "off"):
         raise errors.InvalidArgument(
             f"configuration option health_systemd = {config.health_systemd!r}: use running, degraded-ok or off"
+        )
+    if config.upload_idle_timeout < 0:
+        raise errors.InvalidArgument(
+            f"configuration option upload_idle_timeout = {config.upload_idle_timeout:g}: "
+            "use 0 (no limit) or a number of seconds"
         )
     for name in ("image_url", "channel_url", "boot_artifact_url"):
         value = getattr(config, name)

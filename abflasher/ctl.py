@@ -28,11 +28,15 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from abflasher import __version__, errors
-
-BUS_NAME = "org.abflasher.Updater"
-OBJECT_PATH = "/org/abflasher/Updater"
-INTERFACE_NAME = "org.abflasher.Updater1"
-PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
+from abflasher.service.contract import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    INTERFACE_NAME,
+    OBJECT_PATH,
+    PROPERTIES_INTERFACE,
+    REBOOT_MODES,
+    RUNNING_STATES,
+)
 
 EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE
 EXIT_INTERRUPTED = 130
@@ -40,8 +44,6 @@ EXIT_INTERRUPTED = 130
 CALL_TIMEOUT = 90.0
 INTERACTIVE_CALL_TIMEOUT = 600.0
 AGENT_START_TIMEOUT = 5.0
-RUNNING_STATES = frozenset({"preparing", "downloading", "writing", "verifying", "configuring"})
-REBOOT_MODES = ("normal", "trial", "recovery")
 
 
 class ServiceUnavailable(errors.AbFlasherError):
@@ -103,7 +105,7 @@ _UNAVAILABLE_ERRORS = {
 def error_from_reply(reply: Message) -> errors.AbFlasherError:
     name = reply.error_name or ""
     text = str(reply.body[0]) if reply.body else name
-    if name.startswith(errors.DBUS_ERROR_PREFIX):
+    if name.startswith(ERROR_PREFIX):
         return errors.from_dbus_name(name, text)
     if name in _UNAVAILABLE_ERRORS:
         return ServiceUnavailable(

@@ -47,6 +47,7 @@ from abflasher.disk.slots import (
     slot_version,
 )
 from abflasher.disk.table import read_table
+from abflasher.image.locations import check_http_url, redact_url
 from abflasher.image.pipeline import Progress
 from abflasher.version import compare_versions, parse_version
 
@@ -128,6 +129,8 @@ ProgressCallback = Callable[[Progress], None]
 
 
 STATE_FORMAT = 1
+#: Root only: the state records where images came from, which is nobody else's business.
+STATE_FILE_MODE = 0o600
 BOOT_CHECK_LOCK_WAIT = 120.0
 
 
@@ -209,7 +212,7 @@ class StateFile:
 
     def save(self, data: dict[str, Any]) -> None:
         with self._lock:
-            _write_atomically(self.path, self.dump(self.stamp(data)))
+            _write_atomically(self.path, self.dump(self.stamp(data)), mode=STATE_FILE_MODE)
 
     @contextlib.contextmanager
     def edit(self) -> Iterator[dict[str, Any]]:
@@ -397,7 +400,7 @@ class Updater:
                     booted=is_booted,
                     primary=slot.name == system.primary,
                     state=self._slot_state(system, state, slot, version, on_trial=trial and is_booted),
-                    installed=dict(state["slots"].get(slot.name, {}).get("installed", {})),
+                    installed=_shown_install(state["slots"].get(slot.name, {}).get("installed", {})),
                 )
             )
         return SystemStatus(
@@ -412,8 +415,6 @@ class Updater:
     # ----------------------------------------------------------------------------------------------- updating
 
     def prepare(self, request: UpdateRequest) -> PreparedUpdate:
-        from abflasher.image.http import check_http_url
-
         if request.fd is None and not request.version:
             raise errors.InvalidArgument("say which version to install (or upload an image)")
         if request.version:
@@ -443,7 +444,8 @@ class Updater:
         if request.fd is None:
             image_url = request.url or self.config.image_url_for(request.version)
             check_http_url(image_url)
-        description = "uploaded image" if request.fd is not None else image_url
+        # The description is stored, logged and shown to every bus client: never a password or token.
+        description = "uploaded image" if request.fd is not None else redact_url(image_url)
         return PreparedUpdate(request, target.name, image_url, description)
 
     @staticmethod
@@ -459,8 +461,9 @@ class Updater:
                 "(--allow-downgrade)"
             )
 
-    def _expected_sha256(self, prepared: PreparedUpdate) -> str | None:
+    def _expected_sha256(self, prepared: PreparedUpdate, cancel: threading.Event | None = None) -> str | None:
         from abflasher.image.checksums import fetch_checksum, normalize_sha256
+        from abflasher.image.http import http_options
 
         request = prepared.request
         if request.sha256:
@@ -473,13 +476,7 @@ class Updater:
                 raise errors.InvalidArgument("no checksum for the image: configure checksum_url or pass a sha256")
             return None
         image_name = os.path.basename(prepared.image_url.split("?", 1)[0])
-        return fetch_checksum(
-            checksum_url,
-            image_name,
-            connect_timeout=self.config.http_connect_timeout,
-            read_timeout=self.config.http_read_timeout,
-            retries=self.config.http_retries,
-        )
+        return fetch_checksum(checksum_url, image_name, **http_options(self.config, cancel))
 
     def _record(self, slot: str, slot_state: str, **installed: Any) -> None:
         with self.state.edit() as state:
@@ -501,7 +498,7 @@ class Updater:
     def _run_update(
         self, prepared: PreparedUpdate, progress: ProgressCallback, cancel: threading.Event
     ) -> UpdateOutcome:
-        from abflasher.image.http import HttpSource
+        from abflasher.image.http import open_http
         from abflasher.image.sources import FdSource, ImageSource
         from abflasher.install import install_image
 
@@ -512,7 +509,7 @@ class Updater:
         if target.name in (system.booted.name, system.primary):
             raise errors.Busy(f"slot {target.name} is in use (booted or committed); refusing to write it")
         self._unmount_leftovers()
-        expected = self._expected_sha256(prepared)
+        expected = self._expected_sha256(prepared, cancel)
         if cancel.is_set():
             raise errors.Cancelled("the update was cancelled")
 
@@ -527,17 +524,18 @@ class Updater:
             result="writing",
             source=prepared.description,
         )
-        source: ImageSource
-        if request.fd is not None:
-            source = FdSource(os.dup(request.fd), prepared.description)
-        else:
-            source = HttpSource(
-                prepared.image_url,
-                connect_timeout=self.config.http_connect_timeout,
-                read_timeout=self.config.http_read_timeout,
-                retries=self.config.http_retries,
-            )
+        source: ImageSource | None = None
         try:
+            # Opened inside the try: a first request that fails is a failed install like any other.
+            if request.fd is not None:
+                source = FdSource(
+                    os.dup(request.fd),
+                    prepared.description,
+                    cancel=cancel,
+                    idle_timeout=self.config.upload_idle_timeout,
+                )
+            else:
+                source = open_http(self.config, prepared.image_url, cancel=cancel)
             result = install_image(
                 source,
                 target.root_device,
@@ -557,7 +555,8 @@ class Updater:
             self._record(target.name, "incomplete", result="failed: internal error")
             raise
         finally:
-            source.close()
+            if source is not None:
+                source.close()
 
         progress(Progress("configuring", 0, None, result.image_size))
         installed = {
@@ -610,7 +609,7 @@ class Updater:
         """The new slot's boot files as published next to the image (boot_artifact_url), checked against their
         sha256; None when none is configured (then the running slot's boot files are copied)."""
         from abflasher.image.checksums import fetch_checksum
-        from abflasher.image.http import HttpSource, check_http_url
+        from abflasher.image.http import http_options, open_http
 
         request = prepared.request
         if not self.config.boot_artifact_url or not request.version:
@@ -621,24 +620,12 @@ class Updater:
         expected: str | None = None
         checksum_url = self.config.checksum_url_for(request.version, url)
         if checksum_url:
-            expected = fetch_checksum(
-                checksum_url,
-                name,
-                connect_timeout=self.config.http_connect_timeout,
-                read_timeout=self.config.http_read_timeout,
-                retries=self.config.http_retries,
-            )
+            expected = fetch_checksum(checksum_url, name, **http_options(self.config, cancel))
         elif self.config.require_checksum:
             raise errors.InvalidArgument("no checksum for the boot artifact: configure checksum_url")
         path = workdir / name
         digest = hashlib.sha256()
-        source = HttpSource(
-            url,
-            connect_timeout=self.config.http_connect_timeout,
-            read_timeout=self.config.http_read_timeout,
-            retries=self.config.http_retries,
-            label="boot artifact",
-        )
+        source = open_http(self.config, url, label="boot artifact", cancel=cancel)
         try:
             with open(path, "wb") as handle:
                 while chunk := source.read(1 << 20):
@@ -701,6 +688,13 @@ class Updater:
             version = read_version_file(_read_or_none(root / VERSION_FILE))
             if not version:
                 raise errors.BadImage(f"the image has no readable /{VERSION_FILE}: it is not an ab-flasher slot image")
+            try:
+                parse_version(version)
+            except errors.InvalidArgument:
+                # Not quoted: the file came with the image, and is no caller's argument.
+                raise errors.BadImage(
+                    f"the image's /{VERSION_FILE} does not hold a valid version (like 1.4.0)"
+                ) from None
             if request.version and compare_versions(version, request.version) != 0:
                 raise errors.BadImage(f"the image holds version {version}, not the requested {request.version}")
             if not request.version:
@@ -727,7 +721,9 @@ class Updater:
             if inside is not None:
                 carried = self.state.load()
                 self._mark_armed(carried, system, target, installed)
-                _write_atomically(root / inside.lstrip("/"), StateFile.dump(self.state.stamp(carried)))
+                _write_atomically(
+                    root / inside.lstrip("/"), StateFile.dump(self.state.stamp(carried)), mode=STATE_FILE_MODE
+                )
         return version
 
     def _fstab_for(self, system: _System, target: Slot, image_fstab: str) -> str:
@@ -837,25 +833,26 @@ class Updater:
                     state["rollback_boot_id"] = system.boot_id
 
     def check(self) -> CheckResult:
-        from abflasher.image.http import HttpSource
+        from abflasher.image.http import open_http
 
         if not self.config.channel_url:
             raise errors.InvalidArgument(
                 "no update channel configured (channel_url in /etc/ab-flasher/ab-flasher.conf)"
             )
-        source = HttpSource(
-            self.config.channel_url,
-            connect_timeout=self.config.http_connect_timeout,
-            read_timeout=self.config.http_read_timeout,
-            retries=self.config.http_retries,
-            label="update channel",
-        )
+        source = open_http(self.config, self.config.channel_url, label="update channel")
         try:
             text = source.read(4096).decode("utf-8", "replace")
         finally:
             source.close()
         available = text.strip().splitlines()[0].strip() if text.strip() else ""
-        parse_version(available)
+        try:
+            parse_version(available)
+        except errors.InvalidArgument:
+            # Not quoted: what a server sent is not the service's to repeat to its callers.
+            raise errors.Network(
+                f"the update channel {redact_url(self.config.channel_url)} does not name a version on its first "
+                "line (expected one like 1.4.0)"
+            ) from None
         system = self._system()
         current = slot_version(system.booted, booted=True, root_path=self.config.root_path)
         newer = not current or compare_versions(available, current) > 0
@@ -951,6 +948,15 @@ class Updater:
             # set up by hand, or by older versions, arrive with a trial of the other slot armed.
             system.boot.disarm()
         return BootCheckResult(False, False, message)
+
+
+def _shown_install(installed: dict[str, Any]) -> dict[str, Any]:
+    """A slot's recorded install as callers see it: a source URL without credentials or query, even one that an
+    older version stored whole."""
+    shown = dict(installed)
+    if isinstance(shown.get("source"), str):
+        shown["source"] = redact_url(shown["source"])
+    return shown
 
 
 def _read_or_none(path: Path) -> bytes | None:

@@ -21,6 +21,9 @@ from abflasher.errors import InvalidArgument
 
 # dpkg stores the epoch in an int and refuses anything larger.
 _MAX_EPOCH = 2**31 - 1
+#: The longest version we accept. Real versions are a few dozen characters; the bound keeps a hostile one (from a
+#: caller, an image's /.ab_version or a channel) from costing time or memory, and out of error messages.
+MAX_VERSION_LENGTH = 256
 
 _ASCII_DIGITS = frozenset("0123456789")
 _ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -56,28 +59,40 @@ def _compare_part(left: str, right: str) -> int:
         # Digit run, numerically; an absent run is 0.
         left_match = _DIGIT_RUN.match(left, i)
         right_match = _DIGIT_RUN.match(right, j)
-        left_number = int(left_match.group()) if left_match else 0
-        right_number = int(right_match.group()) if right_match else 0
-        if left_number != right_number:
-            return -1 if left_number < right_number else 1
+        order = _compare_digits(left_match.group() if left_match else "", right_match.group() if right_match else "")
+        if order:
+            return order
         i = left_match.end() if left_match else i
         j = right_match.end() if right_match else j
     return 0
 
 
-def _equality_key(part: str) -> tuple[tuple[str, int], ...]:
+def _compare_digits(left: str, right: str) -> int:
+    """Two runs of ASCII digits compared as the numbers they spell, without converting them (Python refuses to
+    convert more than 4300 digits, and a long run would cost quadratic time): without leading zeros, the longer
+    number is the larger, and numbers of equal length compare as strings."""
+    left = left.lstrip("0")
+    right = right.lstrip("0")
+    if len(left) != len(right):
+        return -1 if len(left) < len(right) else 1
+    if left != right:
+        return -1 if left < right else 1
+    return 0
+
+
+def _equality_key(part: str) -> tuple[tuple[str, str], ...]:
     """A form of one part that is equal for two parts exactly when _compare_part() finds them equal."""
-    pairs: list[tuple[str, int]] = []
+    pairs: list[tuple[str, str]] = []
     position = 0
     while position < len(part):
         digits = _DIGIT_RUN.search(part, position)
         if digits is None:
-            pairs.append((part[position:], 0))
+            pairs.append((part[position:], ""))
             break
-        pairs.append((part[position : digits.start()], int(digits.group())))
+        pairs.append((part[position : digits.start()], digits.group().lstrip("0")))
         position = digits.end()
-    # Only a leading all-digit run can give ("", 0): "0" and "" are the same part.
-    while pairs and pairs[-1] == ("", 0):
+    # Only a leading all-digit run can give ("", ""): "0" and "" are the same part.
+    while pairs and pairs[-1] == ("", ""):
         pairs.pop()
     return tuple(pairs)
 
@@ -128,6 +143,11 @@ def parse_version(text: str) -> Version:
 
     Raises InvalidArgument naming what is wrong for anything dpkg would reject or warn about.
     """
+    if len(text) > MAX_VERSION_LENGTH and len(text.strip()) > MAX_VERSION_LENGTH:
+        # Not quoted: the text may be anything up to the size of a D-Bus message.
+        raise InvalidArgument(
+            f"version is {len(text.strip())} characters long; at most {MAX_VERSION_LENGTH} are allowed"
+        )
     stripped = text.strip()
     if not stripped:
         raise InvalidArgument("version is empty; give one like 1.4.0")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Unpack
 
 from abflasher import errors
 
 if TYPE_CHECKING:
-    import requests
+    from abflasher.image.http import HttpOptions
 
 MAX_CHECKSUM_FILE_BYTES = 1024 * 1024
 
@@ -54,14 +54,17 @@ def normalize_sha256(text: str) -> str:
     return value.lower()
 
 
-def parse_checksum_file(text: str, image_name: str | None, *, origin: str = "checksum file") -> str:
+def parse_checksum_file(
+    text: str, image_name: str | None, *, origin: str = "checksum file", quote: bool = True
+) -> str:
     """The lowercase SHA-256 for ``image_name`` listed in a checksum file's ``text``.
 
     A file with a single entry gives that entry whatever name it carries (images get renamed on mirrors); a file
     with several gives the one whose base name is the base name of ``image_name``. ``origin`` names the file in
-    error messages.
+    error messages; with ``quote`` False they never show its text (a downloaded file's content is not the service's
+    to repeat to every bus client), only line numbers.
     """
-    entries = _parse_entries(text, origin)
+    entries = _parse_entries(text, origin, quote)
     if not entries:
         raise errors.InvalidArgument(f"{origin} lists no SHA-256 checksums")
     wanted = _base_name(image_name) if image_name else None
@@ -78,6 +81,8 @@ def parse_checksum_file(text: str, image_name: str | None, *, origin: str = "che
     if len({entry.digest for entry in entries}) == 1:
         return entries[0].digest
     listed = ", ".join(sorted({entry.name or "(no name)" for entry in entries}))
+    if not quote:
+        listed = f"{len({entry.name for entry in entries})} other names"
     if wanted is None:
         raise errors.InvalidArgument(
             f"{origin} lists {len(entries)} files ({_shorten(listed)}); name the image so the right one is used"
@@ -89,32 +94,24 @@ def fetch_checksum(
     url: str,
     image_name: str | None,
     *,
-    session: requests.Session | None = None,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
-    retries: int = 5,
-    backoff: float = 0.5,
     max_bytes: int = MAX_CHECKSUM_FILE_BYTES,
+    **http_options: Unpack[HttpOptions],
 ) -> str:
     """Download the checksum file at ``url`` and return the SHA-256 it lists for ``image_name``.
 
-    Every failure raises: a missing checksum file must stop the install, not turn verification off.
+    Every failure raises: a missing checksum file must stop the install, not turn verification off. The errors
+    never quote the file (see parse_checksum_file).
     """
     # Imported here: requests costs a local install 60 ms of start-up and 17 MB it never uses.
-    from abflasher.image.http import HttpSource, HttpStatusError, check_http_url, redact_url
+    from abflasher.image.http import HttpSource, HttpStatusError
+    from abflasher.image.locations import check_http_url, redact_url
 
     check_http_url(url, "checksum file")
     where = redact_url(url)
+    options = http_options.copy()
+    options["label"] = "checksum file"
     try:
-        source = HttpSource(
-            url,
-            session=session,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries=retries,
-            backoff=backoff,
-            label="checksum file",
-        )
+        source = HttpSource(url, **options)
     except HttpStatusError as exc:
         if exc.status == 404:
             raise errors.Network(
@@ -145,10 +142,10 @@ def fetch_checksum(
         raise errors.InvalidArgument(
             f"checksum file {where} is not UTF-8 text (byte {exc.start}); is the checksum URL right?"
         ) from exc
-    return parse_checksum_file(text, image_name, origin=f"checksum file {where}")
+    return parse_checksum_file(text, image_name, origin=f"checksum file {where}", quote=False)
 
 
-def _parse_entries(text: str, origin: str) -> list[_Entry]:
+def _parse_entries(text: str, origin: str, quote: bool) -> list[_Entry]:
     entries: list[_Entry] = []
     in_signature = False
     in_armor_header = False
@@ -170,25 +167,26 @@ def _parse_entries(text: str, origin: str) -> list[_Entry]:
         line = line.removeprefix("- ")
         if not line or line.startswith("#"):
             continue
-        entries.append(_parse_line(line, number, origin))
+        entries.append(_parse_line(line, number, origin, quote))
     return entries
 
 
-def _parse_line(line: str, number: int, origin: str) -> _Entry:
+def _parse_line(line: str, number: int, origin: str, quote: bool) -> _Entry:
     where = f"{origin} line {number}"
     bsd = _BSD_LINE_RE.fullmatch(line)
     if bsd is not None:
         algo = bsd.group("algo").lower()
         if algo not in _SHA256_NAMES:
-            raise errors.InvalidArgument(f"{where} holds an {bsd.group('algo')} checksum; a SHA-256 one is needed")
+            algo_shown = bsd.group("algo") if quote else "other"
+            raise errors.InvalidArgument(f"{where} holds an {algo_shown} checksum; a SHA-256 one is needed")
         return _Entry(_digest(bsd.group("hex"), where), bsd.group("name"), number)
     # sha256sum marks a name holding a backslash or newline by starting the line with a backslash.
     escaped = line.startswith("\\")
     gnu = _GNU_LINE_RE.fullmatch(line[1:] if escaped else line)
     if gnu is None:
-        shown = line if len(line) <= 60 else line[:57] + "..."
+        shown = (repr(line) if len(line) <= 60 else repr(line[:57] + "...")) + " " if quote else ""
         raise errors.InvalidArgument(
-            f"{where} is not a checksum line: {shown!r} (expected 'HEX  name' or 'SHA256 (name) = HEX')"
+            f"{where} is not a checksum line: {shown}(expected 'HEX  name' or 'SHA256 (name) = HEX')"
         )
     name = gnu.group("name")
     if name is not None:

@@ -6,6 +6,8 @@ memory and 70 ms of start-up).
 
 from __future__ import annotations
 
+import contextlib
+import http
 import http.client
 import logging
 import re
@@ -13,13 +15,19 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import requests
 import urllib3
 
 from abflasher import errors
-from abflasher.image.sources import SCHEME_RE as _SCHEME_RE
+from abflasher.image.locations import check_http_url, redact_text, redact_url
+from abflasher.image.watched_session import NEW_SOCKET_WATCHER, watched_session
+
+if TYPE_CHECKING:
+    from abflasher.config import Config
+
+__all__ = ["HttpOptions", "HttpSource", "HttpStatusError", "http_options", "open_http", "redact_url"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,8 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE_STATUSES = frozenset({408, 429})
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.ASCII)
 _OBJECT_REPR_RE = re.compile(r"<[^<>]*object at 0x[0-9a-f]+>:?\s*")
+#: How often an HttpSource given a cancel event looks at it.
+_CANCEL_POLL_SECONDS = 0.2
 
 
 class HttpStatusError(errors.Network):
@@ -53,44 +63,28 @@ class HttpOptions(TypedDict, total=False):
     max_backoff: float
     max_redirects: int
     label: str
+    cancel: threading.Event | None
+
+
+def http_options(config: Config, cancel: threading.Event | None = None) -> HttpOptions:
+    """The HTTP options the configuration sets (timeouts, retries), for every download of the engine."""
+    return HttpOptions(
+        connect_timeout=config.http_connect_timeout,
+        read_timeout=config.http_read_timeout,
+        retries=config.http_retries,
+        cancel=cancel,
+    )
+
+
+def open_http(config: Config, url: str, *, label: str = "image", cancel: threading.Event | None = None) -> HttpSource:
+    """An HttpSource for ``url`` with the configuration's timeouts and retries."""
+    options = http_options(config, cancel)
+    options["label"] = label
+    return HttpSource(url, **options)
 
 
 class _TransientError(Exception):
     """A failure worth another attempt (connection refused or reset, timeout); internal to HttpSource."""
-
-
-def redact_url(url: str) -> str:
-    """``url`` fit for messages and logs: no user/password, no query string (which often carries a token)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "<malformed URL>"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{port}" if port is not None else host
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def check_http_url(url: str, label: str = "image") -> None:
-    """Raise InvalidArgument unless ``url`` is an http:// or https:// URL with a host."""
-    match = _SCHEME_RE.match(url)
-    if match is None:
-        raise errors.InvalidArgument(f"{label} URL {redact_url(url)!r} has no scheme: use http:// or https://")
-    scheme = match.group(1).lower()
-    if scheme not in ("http", "https"):
-        raise errors.InvalidArgument(
-            f"{label} URL scheme {scheme}:// is not supported: use an http:// or https:// URL"
-        )
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-        _ = parts.port  # a port that is not a number raises here
-    except ValueError as exc:
-        raise errors.InvalidArgument(f"{label} URL {redact_url(url)!r} is malformed: {exc}") from exc
-    if not host:
-        raise errors.InvalidArgument(f"{label} URL {redact_url(url)!r} has no host name")
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
@@ -137,8 +131,20 @@ def _describe_failure(exc: BaseException) -> str:
     for e in chain:
         if isinstance(e, http.client.IncompleteRead):
             return "connection closed in the middle of the body"
-    text = _OBJECT_REPR_RE.sub("", str(chain[-1])).strip() or type(chain[-1]).__name__
+    for e in chain:
+        if isinstance(e, http.client.HTTPException):
+            # Its text quotes what the server sent (a bad status line, a header): not something to show.
+            return "the server's answer is not valid HTTP"
+    text = _OBJECT_REPR_RE.sub("", redact_text(str(chain[-1]))).strip() or type(chain[-1]).__name__
     return text
+
+
+def _status_text(status: int) -> str:
+    """``HTTP 503 Service Unavailable``: the standard reason phrase, never the one the server sent."""
+    try:
+        return f"HTTP {status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def _is_certificate_failure(exc: BaseException) -> bool:
@@ -182,6 +188,7 @@ class HttpSource:
         max_backoff: float = 30.0,
         max_redirects: int = 10,
         label: str = "image",
+        cancel: threading.Event | None = None,
     ) -> None:
         check_http_url(url, label)
         if connect_timeout <= 0 or read_timeout <= 0:
@@ -193,14 +200,18 @@ class HttpSource:
         self._label = label
         self._url = url  # where the body comes from: updated by redirects so that resumes skip them
         self._own_session = session is None
-        self._session = session if session is not None else requests.Session()
+        self._session = session if session is not None else watched_session()
         self._timeout = (connect_timeout, read_timeout)
         self._retries = retries
         self._backoff = backoff
         self._max_backoff = max_backoff
         self._max_redirects = max_redirects
         self._failures = 0
+        #: Set by close() and abort(): every wait and read ends with Cancelled.
         self._closed = threading.Event()
+        self._cancel = cancel
+        self._resp_lock = threading.Lock()
+        self._request_socket: socket.socket | None = None
 
         # What the first response said, to recognise the same image on later requests.
         self._seen_first_body = False
@@ -213,6 +224,8 @@ class HttpSource:
         self._total: int | None = None  # length of the whole image, once a response has said it
         self._offset = 0  # bytes handed to the consumer so far
         self._eof = False
+        if cancel is not None:
+            threading.Thread(target=self._abort_on_cancel, name="http-cancel", daemon=True).start()
         try:
             self._connect()
         except BaseException:
@@ -283,6 +296,8 @@ class HttpSource:
                     None,
                 )
                 continue
+            # A body without a length ends when the connection does, as it does when abort() shuts it down.
+            self._check_not_closed()
             self._finish()
             return b""
 
@@ -291,6 +306,37 @@ class HttpSource:
         self._drop_response()
         if self._own_session:
             self._session.close()
+
+    def abort(self) -> None:
+        """Make a read that is blocked now, or any later one, raise Cancelled; safe from any thread. The body's
+        connection is shut down, which wakes a read waiting on it at once."""
+        self._closed.set()
+        with self._resp_lock:
+            resp = self._resp
+            # A request still waiting for its answer (a connection made by a session of our own, see below).
+            sockets = [self._request_socket]
+        if resp is not None:
+            sockets.append(getattr(getattr(resp.raw, "_connection", None), "sock", None))
+            fp = getattr(getattr(resp.raw, "_fp", None), "fp", None)
+            sockets.append(getattr(getattr(fp, "raw", None), "_sock", None))
+        for sock in sockets:
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _watch_socket(self, sock: socket.socket) -> None:
+        """Called with each connection this source's requests open, before anything is sent on it."""
+        with self._resp_lock:
+            self._request_socket = sock
+        if self._closed.is_set():
+            self.abort()
+
+    def _abort_on_cancel(self) -> None:
+        assert self._cancel is not None
+        while not self._closed.is_set():
+            if self._cancel.wait(_CANCEL_POLL_SECONDS):
+                self.abort()
+                return
 
     def __enter__(self) -> HttpSource:
         return self
@@ -325,7 +371,7 @@ class HttpSource:
                 retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
                 resp.close()
                 self._spend_retry(
-                    f"server error for {self._label} {self.description}: HTTP {status} {resp.reason or ''}".rstrip(),
+                    f"server error for {self._label} {self.description}: {_status_text(status)}",
                     None,
                     retry_after,
                 )
@@ -340,6 +386,7 @@ class HttpSource:
     def _get_following_redirects(self, headers: dict[str, str]) -> requests.Response:
         url = self._url
         for _hop in range(self._max_redirects + 1):
+            watching = NEW_SOCKET_WATCHER.set(self._watch_socket)
             try:
                 resp = self._session.get(
                     url,
@@ -361,6 +408,8 @@ class HttpSource:
                 raise errors.Network(
                     f"cannot download {self._label} {redact_url(url)}: {_describe_failure(exc)}"
                 ) from exc
+            finally:
+                NEW_SOCKET_WATCHER.reset(watching)
             if resp.status_code not in _REDIRECT_STATUSES:
                 self._url = url
                 return resp
@@ -398,8 +447,7 @@ class HttpSource:
                 "image changed on the server during download"
             )
         if status not in (200, 206) or (status == 206 and self._offset == 0):
-            answer = f"HTTP {status} {resp.reason or ''}".rstrip()
-            raise HttpStatusError(f"server answered {answer} for {where}", status)
+            raise HttpStatusError(f"server answered {_status_text(status)} for {where}", status)
         length = _content_length(resp)
         etag = resp.headers.get("ETag")
         last_modified = resp.headers.get("Last-Modified")
@@ -418,9 +466,7 @@ class HttpSource:
         content_range = resp.headers.get("Content-Range", "")
         match = _CONTENT_RANGE_RE.fullmatch(content_range.strip())
         if match is None:
-            raise errors.Network(
-                f"server answered a resume of {where} with an unusable Content-Range {content_range!r}"
-            )
+            raise errors.Network(f"server answered a resume of {where} with an unusable Content-Range")
         start, last, total_text = int(match.group(1)), int(match.group(2)), match.group(3)
         total = None if total_text == "*" else int(total_text)
         if start != self._offset:
@@ -428,7 +474,7 @@ class HttpSource:
                 f"server resumed {where} at byte {start}, not at byte {self._offset} as asked"
             )
         if last < start or (total is not None and last >= total):
-            raise errors.Network(f"server answered a resume of {where} with an invalid Content-Range {content_range!r}")
+            raise errors.Network(f"server answered a resume of {where} with an invalid Content-Range")
         if (total is not None and self._total is not None and total != self._total) or self._changed(
             None, etag, last_modified
         ):
@@ -448,9 +494,12 @@ class HttpSource:
             # http.client stops reading silently at Content-Length, which hides a longer body. Counting the bytes
             # ourselves and letting it read on to the end of the connection makes the extra bytes visible.
             raw_fp.length = None
-        self._resp = resp
+        with self._resp_lock:
+            self._resp = resp
         self._resp_pos = start
         self._resp_end = end
+        if self._closed.is_set():
+            self.abort()  # an abort() that came while this response was being opened
 
     def _changed(self, length: int | None, etag: str | None, last_modified: str | None) -> bool:
         if length is not None and self._total is not None and length != self._total:
@@ -489,7 +538,8 @@ class HttpSource:
         self._drop_response()
 
     def _drop_response(self) -> None:
-        resp, self._resp = self._resp, None
+        with self._resp_lock:
+            resp, self._resp = self._resp, None
         if resp is not None:
             resp.close()
 
@@ -521,9 +571,9 @@ def _content_length(resp: requests.Response) -> int | None:
     try:
         length = int(value.strip())
     except ValueError as exc:
-        raise errors.Network(f"server sent a malformed Content-Length {value!r}") from exc
+        raise errors.Network("server sent a malformed Content-Length") from exc
     if length < 0:
-        raise errors.Network(f"server sent a negative Content-Length {value!r}")
+        raise errors.Network("server sent a negative Content-Length")
     return length
 
 

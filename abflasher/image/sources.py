@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import os
-import re
+import select
 import stat
-from typing import TYPE_CHECKING, Any, Protocol, Unpack
+import threading
+import time
+from typing import TYPE_CHECKING, Protocol, Unpack
 
 from abflasher import errors
+from abflasher.image.locations import SCHEME_RE
 
 if TYPE_CHECKING:
     from abflasher.image.http import HttpOptions
 
-SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-#: Names that moved to abflasher.image.http; imported on first use so local sources never load requests.
-_HTTP_NAMES = frozenset({"HttpSource", "HttpStatusError", "HttpOptions", "check_http_url", "redact_url"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HTTP_NAMES:
-        from abflasher.image import http
-
-        return getattr(http, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: How often a read waiting for a pipe or socket looks at the cancel event.
+CANCEL_POLL_SECONDS = 0.2
 
 
 class ImageSource(Protocol):
@@ -44,9 +37,22 @@ class ImageSource(Protocol):
 
 
 class FdSource:
-    """Reads an fd it was given: a pipe, a socket or a regular file opened by someone else."""
+    """Reads an fd it was given: a pipe, a socket or a regular file opened by someone else.
 
-    def __init__(self, fd: int, description: str = "", *, close_fd: bool = True) -> None:
+    A pipe or socket is only read once poll() says it has data, so a writer that stays silent cannot hold a read
+    forever: ``cancel`` (or :meth:`abort`, from any thread) ends the wait within CANCEL_POLL_SECONDS, and
+    ``idle_timeout`` seconds without a byte end it too. Both raise Cancelled.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        description: str = "",
+        *,
+        close_fd: bool = True,
+        cancel: threading.Event | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
         self._fd = fd
         self._close_fd = close_fd
         st = os.fstat(fd)
@@ -54,12 +60,48 @@ class FdSource:
             raise errors.InvalidArgument(f"{description or 'the image'} is a directory, not an image file")
         self.size: int | None = st.st_size if stat.S_ISREG(st.st_mode) else None
         self.description = description or f"fd {fd}"
+        self._cancel = cancel
+        self._aborted = threading.Event()
+        self._idle_timeout = idle_timeout if idle_timeout and idle_timeout > 0 else None
+        # Regular files (and block devices) are always readable: poll() would say so at once.
+        self._poller: select.poll | None = None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
 
     def read(self, n: int) -> bytes:
+        self._wait_readable()
         try:
             return os.read(self._fd, n)
         except OSError as exc:
             raise errors.BadImage(f"reading {self.description} failed: {exc.strerror}") from exc
+
+    def abort(self) -> None:
+        """Make a read that waits now, or any later one, raise Cancelled. Safe from any thread."""
+        self._aborted.set()
+
+    def _stopped(self) -> bool:
+        return self._aborted.is_set() or (self._cancel is not None and self._cancel.is_set())
+
+    def _wait_readable(self) -> None:
+        if self._stopped():
+            raise errors.Cancelled(f"reading {self.description} was cancelled")
+        if self._poller is None:
+            return
+        deadline = time.monotonic() + self._idle_timeout if self._idle_timeout is not None else None
+        while True:
+            wait = CANCEL_POLL_SECONDS
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            # POLLHUP and POLLERR count as readable too: the read then sees the end or the error.
+            if self._poller.poll(wait * 1000):
+                return
+            if self._stopped():
+                raise errors.Cancelled(f"reading {self.description} was cancelled")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise errors.Cancelled(
+                    f"no data from {self.description} for {self._idle_timeout:g} s; gave up waiting for it"
+                )
 
     def close(self) -> None:
         if self._close_fd and self._fd >= 0:

@@ -9,7 +9,6 @@ method's task; asyncio copies the current context into that task, so what the ha
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,30 +19,15 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from abflasher import errors
+from abflasher.service.contract import (
+    ACTION_DOWNGRADE,
+    ACTION_MANAGE_BOOT,
+    ACTION_UPDATE,
+    ACTION_UPDATE_FROM_SOURCE,
+    GROUP,
+)
 
 log = logging.getLogger(__name__)
-
-ACTION_UPDATE = "org.abflasher.update"
-ACTION_DOWNGRADE = "org.abflasher.downgrade"
-ACTION_MANAGE_BOOT = "org.abflasher.manage-boot"
-
-#: The system group the shipped polkit rules let do updates and manage boot without a password.
-GROUP = "abflasher"
-
-#: Methods of org.abflasher.Updater1 that change nothing; they need no authorization.
-READ_ONLY_METHODS: frozenset[str] = frozenset({"GetSlots", "Check"})
-
-#: Every other method of org.abflasher.Updater1 and the polkit action it needs. A unit test fails when the interface
-#: has a method that is in neither table.
-METHOD_ACTIONS: Mapping[str, str] = {
-    "Update": ACTION_UPDATE,
-    "UpdateFromFd": ACTION_UPDATE,
-    "Cancel": ACTION_UPDATE,
-    "Reboot": ACTION_MANAGE_BOOT,
-    "MarkGood": ACTION_MANAGE_BOOT,
-    "MarkBad": ACTION_MANAGE_BOOT,
-    "Rollback": ACTION_MANAGE_BOOT,
-}
 
 POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
 POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
@@ -58,6 +42,7 @@ _NO_POLKIT_ERRORS = frozenset(
 
 _ACTION_WORDS = {
     ACTION_UPDATE: "install or cancel updates",
+    ACTION_UPDATE_FROM_SOURCE: "install an image of your choosing (from a URL or a file)",
     ACTION_DOWNGRADE: "install an older version",
     ACTION_MANAGE_BOOT: "reboot or change which slot boots",
 }
@@ -93,6 +78,12 @@ def not_authorized_message(action: str, *, challenge: bool, interactive: bool = 
     group_hint = f"add yourself to the {GROUP} group (sudo adduser $USER {GROUP}) and log in again"
     if action == ACTION_DOWNGRADE:
         return f"not allowed to {what}: downgrades need an administrator's password (run the command in a terminal)"
+    if action == ACTION_UPDATE_FROM_SOURCE and not (challenge and interactive):
+        return (
+            f"not allowed to {what}: that needs an administrator's password (run the command in a terminal), or a "
+            f"polkit rule granting {ACTION_UPDATE_FROM_SOURCE}; members of the {GROUP} group may install the "
+            "configured channel's versions"
+        )
     if challenge and interactive:
         return f"not allowed to {what}: authentication failed or was cancelled (to skip it, {group_hint})"
     if challenge:

@@ -24,7 +24,9 @@ from dbus_next.errors import DBusError
 from abflasher import __version__, errors
 from abflasher.config import DEFAULT_PATH, load_config
 from abflasher.service.auth import Authorizer, PolkitAuthorizer
-from abflasher.service.interface import BUS_NAME, UpdaterEngine, UpdaterInterface, quiet_sent_dbus_errors
+from abflasher.service.contract import BUS_NAME
+from abflasher.service.dbus_adapter import quiet_sent_dbus_errors
+from abflasher.service.interface import UpdaterEngine, UpdaterInterface
 from abflasher.updater import Updater
 
 log = logging.getLogger("abflasher.service")
@@ -150,6 +152,8 @@ def _setup_logging(debug: bool) -> None:
     if "JOURNAL_STREAM" not in os.environ:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=fmt, stream=sys.stderr)
+    # urllib3 logs every request line, query string (a token) included, at DEBUG: never into the journal.
+    logging.getLogger("urllib3").setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 Everything that may block (the engine reading slots, validating a request, streaming an image, asking the update
 channel) runs in threads; the event loop only moves messages, so the service keeps answering while it installs. One
-update job or boot operation runs at a time; a second mutating request gets Busy. Every mutating method asks polkit
-first (:mod:`abflasher.service.auth`).
+update job or boot operation runs at a time; a second mutating request gets Busy. Every method declares the polkit
+action it needs, which is asked (:mod:`abflasher.service.auth`) before the method looks at its arguments.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
-import inspect
 import logging
 import os
 import stat
@@ -23,22 +21,34 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import MessageType, PropertyAccess
-from dbus_next.errors import DBusError
-from dbus_next.message import Message
-from dbus_next.service import ServiceInterface, dbus_property, method, signal
 from dbus_next.signature import Variant
 
 from abflasher import errors
 from abflasher.image.pipeline import Progress
-from abflasher.service.auth import (
+from abflasher.service.auth import Authorizer, current_caller, record_caller
+from abflasher.service.contract import (
     ACTION_DOWNGRADE,
     ACTION_MANAGE_BOOT,
     ACTION_UPDATE,
-    Authorizer,
-    current_caller,
-    record_caller,
+    ACTION_UPDATE_FROM_SOURCE,
+    INTERFACE_NAME,
+    OBJECT_PATH,
+    REBOOT_MODES,
+    RUNNING_STATES,
+    UPDATE_FROM_FD_OPTIONS,
+    UPDATE_OPTIONS,
 )
+from abflasher.service.dbus_adapter import (
+    INTERNAL_ERROR_MESSAGE,
+    GuardedInterface,
+    dbus_method,
+    dbus_readonly_property,
+    dbus_signal,
+    method_guards,
+    refuse_property_errors,
+    release_unused_fds,
+)
+from abflasher.service.progress import PROGRESS_INTERVAL, ProgressThrottle, progress_tuple
 from abflasher.updater import (
     CheckResult,
     PreparedUpdate,
@@ -51,38 +61,15 @@ from abflasher.updater import (
 
 log = logging.getLogger(__name__)
 
-BUS_NAME = "org.abflasher.Updater"
-OBJECT_PATH = "/org/abflasher/Updater"
-INTERFACE_NAME = "org.abflasher.Updater1"
-
-STATES = ("idle", "preparing", "downloading", "writing", "verifying", "configuring", "ready-to-reboot", "failed")
-#: Engine progress stages that are also service states (the others only show in the Progress property/signal).
-_STAGE_STATES = frozenset({"preparing", "downloading", "writing", "verifying", "configuring"})
-REBOOT_MODES = ("normal", "trial", "recovery")
-PROGRESS_INTERVAL = 0.1
-INTERNAL_ERROR_MESSAGE = "internal error in the ab-flasher service; its log (journalctl -u ab-flasher) has the details"
+#: How long a Cancel waits for the job to end before it says the job is still stopping.
+CANCEL_TIMEOUT = 30.0
+#: An update channel's answer (or failure) is reused for this long: Check() needs no authorization, and a flood of
+#: calls must not become a flood of threads and requests in a root process.
+CHECK_INTERVAL = 10.0
 
 _INTEGER_SIGNATURES = frozenset("yqutnix")
-#: Options of Update; type "t" accepts any unsigned-looking D-Bus integer.
-UPDATE_OPTIONS: Mapping[str, str] = {
-    "url": "s",
-    "sha256": "s",
-    "allow-downgrade": "b",
-    "reboot": "b",
-    "interactive": "b",
-}
-#: Options of UpdateFromFd: the fd is the source, so no url; the version is optional (checked against the image).
-UPDATE_FROM_FD_OPTIONS: Mapping[str, str] = {
-    "sha256": "s",
-    "allow-downgrade": "b",
-    "reboot": "b",
-    "interactive": "b",
-    "version": "s",
-    "size": "t",
-}
 
 _T = TypeVar("_T")
-_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 class UpdaterEngine(Protocol):
@@ -103,95 +90,6 @@ class UpdaterEngine(Protocol):
     def rollback(self) -> None: ...
 
     def reboot(self, mode: str) -> None: ...
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# dbus-next reads D-Bus types from annotations; these decorators give it an explicit signature instead, so the Python
-# annotations stay real types that mypy checks.
-
-
-def dbus_error(name: str, text: str) -> DBusError:
-    return DBusError(name, text)  # type: ignore[no-untyped-call]  # dbus-next does not annotate it
-
-
-def quiet_sent_dbus_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """dbus-next sends a method's DBusError to the caller and then lets it escape into the event loop, which would log
-    a traceback for every refused call; drop those (the caller got the error; the service logged what mattered)."""
-    previous = loop.get_exception_handler()
-
-    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if isinstance(context.get("exception"), DBusError):
-            return
-        if previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handle)
-
-
-def _with_dbus_types(fn: Callable[..., Any], arg_types: tuple[str, ...], returns: str) -> inspect.Signature:
-    signature = inspect.signature(fn)
-    self_param, *params = signature.parameters.values()
-    if len(params) != len(arg_types):
-        raise TypeError(f"{fn.__name__}: {len(params)} parameters but {len(arg_types)} D-Bus types")
-    typed = [self_param, *(param.replace(annotation=t) for param, t in zip(params, arg_types, strict=True))]
-    return signature.replace(parameters=typed, return_annotation=returns or inspect.Signature.empty)
-
-
-def _name_args(member: Any, attribute: str, args_attribute: str, names: tuple[str, ...]) -> None:
-    """Give introspection names to arguments dbus-next leaves unnamed (return values, signal arguments)."""
-    args = [arg for arg in getattr(member.__dict__[attribute].introspection, args_attribute)]
-    if names and len(names) != len(args):
-        raise TypeError(f"{len(names)} names for {len(args)} arguments")
-    for arg, name in zip(args, names, strict=False):
-        arg.name = name
-
-
-def _dbus_method(*arg_types: str, returns: str = "", out_names: tuple[str, ...] = ()) -> Callable[[_Fn], _Fn]:
-    """A D-Bus method whose errors reach the caller as the hierarchy's D-Bus names and never as internals."""
-
-    def decorate(fn: _Fn) -> _Fn:
-        @functools.wraps(fn)
-        async def serve(self: UpdaterInterface, *args: Any) -> Any:
-            self._calls_in_progress += 1
-            try:
-                return await fn(self, *args)
-            except DBusError:
-                raise
-            except errors.AbFlasherError as exc:
-                raise dbus_error(exc.dbus_name, str(exc) or exc.name) from None
-            except Exception:
-                log.exception("%s failed unexpectedly", fn.__name__)
-                raise dbus_error(errors.Internal.dbus_error_name(), INTERNAL_ERROR_MESSAGE) from None
-            finally:
-                self._calls_in_progress -= 1
-                self._last_activity = time.monotonic()
-
-        serve.__signature__ = _with_dbus_types(fn, arg_types, returns)  # type: ignore[attr-defined]
-        exported = method()(serve)
-        _name_args(exported, "__DBUS_METHOD", "out_args", out_names)
-        return cast(_Fn, exported)
-
-    return decorate
-
-
-def _dbus_signal(name: str, signature: str) -> Callable[[_Fn], _Fn]:
-    def decorate(fn: _Fn) -> _Fn:
-        fn.__signature__ = inspect.signature(fn).replace(return_annotation=signature)  # type: ignore[attr-defined]
-        exported = signal(name=name)(fn)
-        _name_args(exported, "__DBUS_SIGNAL", "args", tuple(list(inspect.signature(fn).parameters)[1:]))
-        return cast(_Fn, exported)
-
-    return decorate
-
-
-def _dbus_readonly_property(name: str, signature: str) -> Callable[[Callable[[Any], Any]], Any]:
-    def decorate(fn: Callable[[Any], Any]) -> Any:
-        fn.__signature__ = inspect.signature(fn).replace(return_annotation=signature)  # type: ignore[attr-defined]
-        return dbus_property(access=PropertyAccess.READ, name=name)(fn)
-
-    return decorate
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,115 +197,6 @@ def _image_fd_size(fd: int) -> int | None:
     return max(0, st.st_size - os.lseek(fd, 0, os.SEEK_CUR))
 
 
-def release_unused_fds(message: Message) -> None:
-    """Bus message handler: close every fd that came with a message, except the image of a well-formed UpdateFromFd
-    call (which that method owns). dbus-next never closes received fds, so without this any local user could exhaust
-    the root service's fd table by attaching fds to other calls."""
-    if not message.unix_fds:
-        return
-    keep: int | None = None
-    if (
-        message.message_type == MessageType.METHOD_CALL
-        and message.path == OBJECT_PATH
-        and message.interface == INTERFACE_NAME
-        and message.member == "UpdateFromFd"
-        and message.signature == "ha{sv}"
-    ):
-        index = message.body[0]
-        if isinstance(index, int) and 0 <= index < len(message.unix_fds):
-            keep = message.unix_fds[index]
-    for fd in message.unix_fds:
-        if fd != keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Progress, from a worker thread to the event loop
-
-
-class ProgressThrottle:
-    """Hands progress reports from a worker thread to the event loop, at most one per ``interval`` seconds.
-
-    The engine may report thousands of times a second. The loop gets the newest report when the interval has passed,
-    always the last report of each stage (so every stage ends at its final count), and within a stage ``done`` never
-    goes down. :meth:`flush` delivers what is left when the job ends.
-    """
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, emit: Callable[[Progress], None], interval: float = PROGRESS_INTERVAL
-    ) -> None:
-        self._loop = loop
-        self._emit = emit
-        self._interval = interval
-        self._lock = threading.Lock()
-        self._stage_ends: list[Progress] = []
-        self._latest: Progress | None = None
-        self._wakeup_pending = False
-        self._closed = False
-        self._last_emit_time = float("-inf")
-        self._last_emitted: Progress | None = None
-
-    def report(self, progress: Progress) -> None:
-        """Called from any thread."""
-        with self._lock:
-            if self._closed:
-                return
-            if self._latest is not None and self._latest.stage != progress.stage:
-                self._stage_ends.append(self._latest)
-            self._latest = progress
-            if self._wakeup_pending:
-                return
-            self._wakeup_pending = True
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the service is exiting
-            self._loop.call_soon_threadsafe(self._deliver)
-
-    def flush(self) -> None:
-        """Called on the loop: deliver everything still pending and take no more reports."""
-        with self._lock:
-            self._closed = True
-            due = [*self._stage_ends, *([self._latest] if self._latest is not None else [])]
-            self._stage_ends.clear()
-            self._latest = None
-        for progress in due:
-            self._send(progress)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            self._wakeup_pending = False
-            due = list(self._stage_ends)
-            self._stage_ends.clear()
-            wait = self._last_emit_time + self._interval - time.monotonic()
-            if self._latest is not None and (wait <= 0 or due):
-                due.append(self._latest)
-                self._latest = None
-            elif self._latest is not None:
-                self._wakeup_pending = True
-                self._loop.call_later(wait, self._deliver)
-        for progress in due:
-            self._send(progress)
-
-    def _send(self, progress: Progress) -> None:
-        last = self._last_emitted
-        if last is not None and last.stage == progress.stage and (progress.done < last.done or progress == last):
-            return
-        self._last_emitted = progress
-        self._last_emit_time = time.monotonic()
-        self._emit(progress)
-
-
-def progress_tuple(progress: Progress) -> list[Any]:
-    """(stage, percent, done, total) as the Progress property and signal carry it.
-
-    ``done``/``total`` count the bytes of the current stage. A stage without a count of its own (preparing,
-    configuring) reports the bytes written so far as both, so the last report of a job is the image size.
-    """
-    if progress.total is None:
-        written = max(0, progress.written)
-        return [progress.stage, 100 if written else 0, written, written]
-    return [progress.stage, progress.percent or 0, max(0, progress.done), max(0, progress.total)]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The interface
 
@@ -421,7 +210,7 @@ class _Job:
     throttle: ProgressThrottle
 
 
-class UpdaterInterface(ServiceInterface):
+class UpdaterInterface(GuardedInterface):
     """org.abflasher.Updater1. Create it on the event loop's thread; ``attach`` it to a bus."""
 
     def __init__(
@@ -430,7 +219,8 @@ class UpdaterInterface(ServiceInterface):
         authorizer: Authorizer,
         *,
         progress_interval: float = PROGRESS_INTERVAL,
-        cancel_timeout: float = 30.0,
+        cancel_timeout: float = CANCEL_TIMEOUT,
+        check_interval: float = CHECK_INTERVAL,
     ) -> None:
         super().__init__(INTERFACE_NAME)
         self._updater = updater
@@ -442,9 +232,10 @@ class UpdaterInterface(ServiceInterface):
         self._occupied_by = ""
         self._job_counter = 0
         self._status_call: asyncio.Future[SystemStatus] | None = None
+        self._check_interval = check_interval
+        self._check_call: asyncio.Future[CheckResult] | None = None
+        self._check_ended = float("-inf")
         self._background: set[asyncio.Task[Any]] = set()
-        self._calls_in_progress = 0
-        self._last_activity = time.monotonic()
         self._properties: dict[str, Any] = {
             "State": "idle",
             "Progress": ["", 0, 0, 0],
@@ -462,6 +253,8 @@ class UpdaterInterface(ServiceInterface):
         that record each caller and release stray fds."""
         bus.add_message_handler(record_caller)
         bus.add_message_handler(release_unused_fds)
+        property_names = frozenset(self._properties)
+        bus.add_message_handler(lambda message: refuse_property_errors(message, property_names))
         bus.export(OBJECT_PATH, self)
 
     def idle_seconds(self) -> float:
@@ -545,7 +338,22 @@ class UpdaterInterface(ServiceInterface):
             self._status_call = asyncio.ensure_future(self._in_thread(self._updater.status))
         return await asyncio.shield(self._status_call)
 
-    async def _authorize(self, action: str, *, interactive: bool = False) -> None:
+    async def _check(self) -> CheckResult:
+        """The engine's channel check: concurrent callers share one, and its answer serves every caller for
+        ``check_interval`` seconds after it ended."""
+        call = self._check_call
+        fresh = call is not None and (not call.done() or time.monotonic() - self._check_ended < self._check_interval)
+        if call is None or not fresh:
+            call = self._check_call = asyncio.ensure_future(self._in_thread(self._updater.check))
+            call.add_done_callback(self._check_done)
+        return await asyncio.shield(call)
+
+    def _check_done(self, call: asyncio.Future[CheckResult]) -> None:
+        self._check_ended = time.monotonic()
+        if not call.cancelled():
+            call.exception()  # retrieved here, so a failure nobody waited for is not logged as never retrieved
+
+    async def authorize(self, action: str, *, interactive: bool = False) -> None:
         await self._authorizer.authorize(current_caller(), action, interactive=interactive)
 
     def _claim(self, what: str) -> None:
@@ -606,7 +414,7 @@ class UpdaterInterface(ServiceInterface):
     def _emit_progress(self, job_id: str, progress: Progress) -> None:
         values = progress_tuple(progress)
         changes: dict[str, Any] = {"Progress": values}
-        if progress.stage in _STAGE_STATES:
+        if progress.stage in RUNNING_STATES:
             changes["State"] = progress.stage
         self._set_properties(**changes)
         self._progress_signal(job_id, *values)
@@ -645,65 +453,67 @@ class UpdaterInterface(ServiceInterface):
 
     # --- methods --------------------------------------------------------------------------------------------------
 
-    @_dbus_method(returns="aa{sv}", out_names=("slots",))
+    # Each method names the polkit action it needs; the guard asks polkit before the body runs (dbus_adapter).
+
+    @dbus_method(action=None, returns="aa{sv}", out_names=("slots",))
     async def GetSlots(self) -> list[dict[str, Variant]]:
         status = await self._status()
         return [slot_to_dbus(slot) for slot in status.slots]
 
-    @_dbus_method(returns="a{sv}", out_names=("result",))
+    @dbus_method(action=None, returns="a{sv}", out_names=("result",))
     async def Check(self) -> dict[str, Variant]:
-        result = await self._in_thread(self._updater.check)
+        result = await self._check()
         return {
             "current": Variant("s", result.current),
             "available": Variant("s", result.available),
             "update-available": Variant("b", result.update_available),
         }
 
-    @_dbus_method("s", "a{sv}", returns="s", out_names=("job",))
+    # A URL of the caller's choosing is an image of the caller's choosing: its own action.
+    @dbus_method("s", "a{sv}", action=ACTION_UPDATE, option_actions={"url": ACTION_UPDATE_FROM_SOURCE}, returns="s",
+                 out_names=("job",))
     async def Update(self, version: str, options: dict[str, Variant]) -> str:
         values = parse_options(options, UPDATE_OPTIONS)
-        interactive = bool(values.get("interactive", False))
-        await self._authorize(ACTION_UPDATE, interactive=interactive)
-        if values.get("allow-downgrade"):
-            await self._authorize(ACTION_DOWNGRADE, interactive=interactive)
         if not version.strip():
             raise errors.InvalidArgument("give the version to install, e.g. 1.4.0")
-        request = UpdateRequest(
-            version=version.strip(),
-            url=str(values.get("url", "")),
-            sha256=str(values.get("sha256", "")),
-            allow_downgrade=bool(values.get("allow-downgrade", False)),
-            reboot=bool(values.get("reboot", False)),
-        )
-        return await self._start_job(request)
+        return await self._submit(values, version=version.strip(), url=str(values.get("url", "")))
 
-    @_dbus_method("h", "a{sv}", returns="s", out_names=("job",))
+    @dbus_method("h", "a{sv}", action=ACTION_UPDATE_FROM_SOURCE, returns="s", out_names=("job",))
     async def UpdateFromFd(self, image: int, options: dict[str, Variant]) -> str:
         fd = adopt_image_fd(image)
         try:
             values = parse_options(options, UPDATE_FROM_FD_OPTIONS)
-            interactive = bool(values.get("interactive", False))
-            await self._authorize(ACTION_UPDATE, interactive=interactive)
-            if values.get("allow-downgrade"):
-                await self._authorize(ACTION_DOWNGRADE, interactive=interactive)
             size = values.get("size")
-            request = UpdateRequest(
+            return await self._submit(
+                values,
                 version=str(values.get("version", "")).strip(),
-                sha256=str(values.get("sha256", "")),
-                allow_downgrade=bool(values.get("allow-downgrade", False)),
-                reboot=bool(values.get("reboot", False)),
                 fd=fd,
                 size=int(size) if size else _image_fd_size(fd),
             )
-            return await self._start_job(request)
         except BaseException:
-            # The engine's run() owns the fd once started; _start_job raising means it never was.
+            # The engine's run() owns the fd once started; _submit raising means it never was.
             os.close(fd)
             raise
 
-    @_dbus_method("s")
+    async def _submit(
+        self, values: Mapping[str, Any], *, version: str, url: str = "", fd: int | None = None, size: int | None = None
+    ) -> str:
+        """The one path of Update and UpdateFromFd from validated options to a started job."""
+        if values.get("allow-downgrade"):
+            await self.authorize(ACTION_DOWNGRADE, interactive=bool(values.get("interactive", False)))
+        request = UpdateRequest(
+            version=version,
+            url=url,
+            sha256=str(values.get("sha256", "")),
+            allow_downgrade=bool(values.get("allow-downgrade", False)),
+            reboot=bool(values.get("reboot", False)),
+            fd=fd,
+            size=size,
+        )
+        return await self._start_job(request)
+
+    @dbus_method("s", action=ACTION_UPDATE)
     async def Cancel(self, job: str) -> None:
-        await self._authorize(ACTION_UPDATE)
         running = self._job
         if running is None:
             raise errors.InvalidArgument("nothing to cancel: no update is running")
@@ -714,73 +524,79 @@ class UpdaterInterface(ServiceInterface):
         try:
             await asyncio.wait_for(asyncio.shield(running.done), self._cancel_timeout)
         except TimeoutError:
+            # Never a success for a job that still runs: the caller must not take the slot for free.
             log.warning("job %s: still stopping %.0f s after the cancel request", running.id, self._cancel_timeout)
+            raise errors.Busy(
+                f"job {running.id} is still stopping {self._cancel_timeout:.0f} s after the cancel request; its "
+                "Completed signal will say when it has ended"
+            ) from None
 
-    @_dbus_method("s")
+    @dbus_method("s", action=ACTION_MANAGE_BOOT)
     async def Reboot(self, mode: str) -> None:
-        await self._authorize(ACTION_MANAGE_BOOT)
         mode = mode or "normal"
         if mode not in REBOOT_MODES:
             raise errors.InvalidArgument(f"unknown reboot mode {mode!r}; use one of: {', '.join(REBOOT_MODES)}")
         await self._boot_operation(f"reboot {mode}", self._updater.reboot, mode)
 
-    @_dbus_method()
+    @dbus_method(action=ACTION_MANAGE_BOOT)
     async def MarkGood(self) -> None:
-        await self._authorize(ACTION_MANAGE_BOOT)
         await self._boot_operation("mark-good", self._updater.mark_good)
 
-    @_dbus_method()
+    @dbus_method(action=ACTION_MANAGE_BOOT)
     async def MarkBad(self) -> None:
-        await self._authorize(ACTION_MANAGE_BOOT)
         await self._boot_operation("mark-bad", self._updater.mark_bad)
 
-    @_dbus_method()
+    @dbus_method(action=ACTION_MANAGE_BOOT)
     async def Rollback(self) -> None:
-        await self._authorize(ACTION_MANAGE_BOOT)
         await self._boot_operation("rollback", self._updater.rollback)
 
     # --- signals --------------------------------------------------------------------------------------------------
 
-    @_dbus_signal("Progress", "ssutt")
+    @dbus_signal("Progress", "ssutt")
     def _progress_signal(self, job: str, stage: str, percent: int, done: int, total: int) -> list[Any]:
         return [job, stage, percent, done, total]
 
-    @_dbus_signal("Completed", "sbss")
+    @dbus_signal("Completed", "sbss")
     def _completed_signal(self, job: str, success: bool, error: str, message: str) -> list[Any]:
         return [job, success, error, message]
 
     # --- properties -----------------------------------------------------------------------------------------------
 
-    @_dbus_readonly_property("State", "s")
+    @dbus_readonly_property("State", "s")
     def _state_property(self) -> str:
         return str(self._properties["State"])
 
-    @_dbus_readonly_property("Progress", "(sutt)")
+    @dbus_readonly_property("Progress", "(sutt)")
     def _progress_property(self) -> list[Any]:
         return list(self._properties["Progress"])
 
-    @_dbus_readonly_property("LastError", "s")
+    @dbus_readonly_property("LastError", "s")
     def _last_error_property(self) -> str:
         return str(self._properties["LastError"])
 
-    @_dbus_readonly_property("BootedSlot", "s")
+    @dbus_readonly_property("BootedSlot", "s")
     def _booted_slot_property(self) -> str:
         return str(self._properties["BootedSlot"])
 
-    @_dbus_readonly_property("PrimarySlot", "s")
+    @dbus_readonly_property("PrimarySlot", "s")
     def _primary_slot_property(self) -> str:
         return str(self._properties["PrimarySlot"])
 
-    @_dbus_readonly_property("BootedVersion", "s")
+    @dbus_readonly_property("BootedVersion", "s")
     def _booted_version_property(self) -> str:
         return str(self._properties["BootedVersion"])
 
-    @_dbus_readonly_property("TrialActive", "b")
+    @dbus_readonly_property("TrialActive", "b")
     def _trial_active_property(self) -> bool:
         return bool(self._properties["TrialActive"])
 
 
-def method_names(interface: ServiceInterface) -> list[str]:
-    """The D-Bus names of the methods ``interface`` exports (for the authorization-coverage test and tools)."""
-    methods = ServiceInterface._get_methods(interface)  # type: ignore[no-untyped-call]
-    return [m.name for m in methods if not m.disabled]
+#: Every method of org.abflasher.Updater1 and the polkit action it needs (Update with a ``url`` option needs
+#: ACTION_UPDATE_FROM_SOURCE instead), derived from the declarations above; READ_ONLY_METHODS need none.
+_GUARDS = method_guards(UpdaterInterface)
+METHOD_ACTIONS: Mapping[str, str] = {
+    name: guard.action for name, guard in _GUARDS.items() if guard is not None and guard.action is not None
+}
+READ_ONLY_METHODS: frozenset[str] = frozenset(
+    name for name, guard in _GUARDS.items() if guard is not None and guard.action is None
+)

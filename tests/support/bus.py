@@ -30,11 +30,13 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import MessageType
 from dbus_next.message import Message
 
+from abflasher.service import contract
+
 REPO = Path(__file__).resolve().parents[2]
 STOCK_SYSTEM_CONF = Path("/usr/share/dbus-1/system.conf")
-BUS_NAME = "org.abflasher.Updater"
-OBJECT_PATH = "/org/abflasher/Updater"
-INTERFACE = "org.abflasher.Updater1"
+BUS_NAME = contract.BUS_NAME
+OBJECT_PATH = contract.OBJECT_PATH
+INTERFACE = contract.INTERFACE_NAME
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 MIB = 1 << 20

@@ -75,8 +75,11 @@ class Resource:
     stall_after: int | None = None
     stall_seconds: float = 30.0
     stall_requests: int | None = None
-    # Pause this long between pieces of the body.
+    # Pause this long between pieces of the body, pieces of ``piece_size`` bytes (a crawling server: 4096 and 1.0).
     piece_delay: float = 0.0
+    piece_size: int = SEND_PIECE
+    # Answer with this reason phrase instead of the standard one.
+    reason: str | None = None
     # Send the body with Transfer-Encoding: chunked, or without any length, ended by closing the connection.
     chunked: bool = False
     no_length: bool = False
@@ -146,7 +149,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_text(404, "no such file")
             return
         if resource.status is not None:
-            self._send_text(resource.status, f"status {resource.status}")
+            self._send_text(resource.status, f"status {resource.status}", reason=resource.reason)
             return
         if number <= resource.fail_first:
             headers = {"Retry-After": resource.retry_after} if resource.retry_after else {}
@@ -236,7 +239,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for mark in (drop_at, stall_at if not stalled else None):
                 if mark is not None and sent < mark:
                     limit = min(limit, mark)
-            piece = payload[sent : min(limit, sent + SEND_PIECE)]
+            piece = payload[sent : min(limit, sent + resource.piece_size)]
             if resource.piece_delay and sent and owner.stopping.wait(resource.piece_delay):
                 self.close_connection = True
                 return False
@@ -281,9 +284,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def _send_text(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> None:
+    def _send_text(
+        self, status: int, text: str, headers: Mapping[str, str] | None = None, reason: str | None = None
+    ) -> None:
         data = text.encode() + b"\n"
-        self.send_response(status)
+        self.send_response(status, reason)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():

@@ -35,7 +35,8 @@ class InProcessService:
 
     async def __aenter__(self) -> InProcessService:
         from abflasher.service.auth import PolkitAuthorizer
-        from abflasher.service.interface import UpdaterInterface, quiet_sent_dbus_errors
+        from abflasher.service.dbus_adapter import quiet_sent_dbus_errors
+        from abflasher.service.interface import UpdaterInterface
 
         quiet_sent_dbus_errors(asyncio.get_running_loop())
         self.service_bus = await MessageBus(bus_address=self.address, negotiate_unix_fd=True).connect()

@@ -16,9 +16,8 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
+from abflasher.service.contract import GROUP
 from tests.support.bus import DBusDaemon, wait_until
-
-GROUP = "abflasher"
 
 
 class TestUsers:

@@ -22,20 +22,15 @@ from dbus_next.signature import Variant
 
 from abflasher import errors
 from abflasher.image.pipeline import Progress
-from abflasher.service.auth import (
+from abflasher.service.contract import (
     ACTION_DOWNGRADE,
     ACTION_MANAGE_BOOT,
     ACTION_UPDATE,
-    METHOD_ACTIONS,
-    READ_ONLY_METHODS,
+    ACTION_UPDATE_FROM_SOURCE,
 )
-from abflasher.service.interface import (
-    INTERNAL_ERROR_MESSAGE,
-    ProgressThrottle,
-    UpdaterInterface,
-    method_names,
-    progress_tuple,
-)
+from abflasher.service.dbus_adapter import INTERNAL_ERROR_MESSAGE, method_names
+from abflasher.service.interface import METHOD_ACTIONS, READ_ONLY_METHODS, UpdaterInterface
+from abflasher.service.progress import ProgressThrottle, progress_tuple
 from tests.support.bus import INTERFACE, MIB, REPO, DBusDaemon
 from tests.support.fakeupdater import FakeUpdater
 from tests.support.inprocess import InProcessService, error_of, ok, open_fd_count
@@ -44,6 +39,7 @@ from tests.support.polkit import DbusmockPolkit
 pytestmark = pytest.mark.timeout(60)
 
 ERR = "org.abflasher.Updater1.Error."
+ALL_ACTIONS = [ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE, ACTION_DOWNGRADE, ACTION_MANAGE_BOOT]
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 45.0) -> Any:
@@ -396,7 +392,7 @@ def _feed(fd: int, data: bytes, *, stop_after: int | None = None) -> threading.T
 
 
 def test_update_from_a_pipe_streams_it(address: str, polkit: DbusmockPolkit) -> None:
-    allow(polkit, ACTION_UPDATE)
+    allow(polkit, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE)
     updater = FakeUpdater()
     data = os.urandom(3 * MIB + 123)
     baseline = open_fd_count()
@@ -427,7 +423,7 @@ def test_update_from_a_pipe_streams_it(address: str, polkit: DbusmockPolkit) -> 
 
 
 def test_a_pipe_that_breaks_mid_stream_fails_the_job_cleanly(address: str, polkit: DbusmockPolkit) -> None:
-    allow(polkit, ACTION_UPDATE)
+    allow(polkit, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE)
     updater = FakeUpdater()
     data = os.urandom(2 * MIB)
     baseline = open_fd_count()
@@ -456,7 +452,7 @@ def test_a_pipe_that_breaks_mid_stream_fails_the_job_cleanly(address: str, polki
 def test_update_from_fd_refuses_what_is_not_a_readable_file_or_pipe(
     address: str, polkit: DbusmockPolkit, tmp_path: Path
 ) -> None:
-    allow(polkit, ACTION_UPDATE)
+    allow(polkit, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE)
     image = tmp_path / "image"
     image.write_bytes(b"x" * 4096)
     baseline = open_fd_count()
@@ -484,7 +480,7 @@ def test_update_from_fd_refuses_what_is_not_a_readable_file_or_pipe(
 def test_update_from_a_regular_file_gets_its_size_from_the_fd(
     address: str, polkit: DbusmockPolkit, tmp_path: Path
 ) -> None:
-    allow(polkit, ACTION_UPDATE)
+    allow(polkit, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE)
     updater = FakeUpdater()
     image = tmp_path / "image"
     image.write_bytes(os.urandom(MIB))

@@ -16,15 +16,14 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from abflasher import errors
-from abflasher.service.auth import (
+from abflasher.service.auth import POLKIT_ALLOW_USER_INTERACTION, Caller, PolkitAuthorizer
+from abflasher.service.contract import (
     ACTION_DOWNGRADE,
     ACTION_MANAGE_BOOT,
     ACTION_UPDATE,
-    METHOD_ACTIONS,
-    POLKIT_ALLOW_USER_INTERACTION,
-    Caller,
-    PolkitAuthorizer,
+    ACTION_UPDATE_FROM_SOURCE,
 )
+from abflasher.service.interface import METHOD_ACTIONS
 from tests.support.bus import DBusDaemon
 from tests.support.fakeupdater import FakeUpdater
 from tests.support.inprocess import InProcessService, error_of, ok
@@ -187,7 +186,7 @@ def test_refusals_fail_closed_with_a_message_that_says_what_to_do(
 def test_the_policy_declares_exactly_the_actions_the_service_checks() -> None:
     root = ET.parse(REPO / "polkit" / "org.abflasher.Updater.policy").getroot()
     actions = {a.get("id"): a for a in root.iter("action")}
-    assert set(actions) == {ACTION_UPDATE, ACTION_DOWNGRADE, ACTION_MANAGE_BOOT}
+    assert set(actions) == {ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE, ACTION_DOWNGRADE, ACTION_MANAGE_BOOT}
     assert set(METHOD_ACTIONS.values()) <= set(actions)
     for action in actions.values():
         defaults = action.find("defaults")
@@ -198,13 +197,14 @@ def test_the_policy_declares_exactly_the_actions_the_service_checks() -> None:
         assert action.findtext("message")
 
 
-def test_the_rules_grant_the_group_update_and_manage_boot_but_not_downgrade() -> None:
+def test_the_rules_grant_the_group_channel_updates_and_manage_boot_but_not_sources_or_downgrade() -> None:
     text = (REPO / "polkit" / "org.abflasher.Updater.rules").read_text()
     rules = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
     granted = set(re.findall(r'action\.id == "([^"]+)"', rules))
     assert granted == {ACTION_UPDATE, ACTION_MANAGE_BOOT}
     assert 'subject.isInGroup("abflasher")' in rules
     assert ACTION_DOWNGRADE not in rules
+    assert ACTION_UPDATE_FROM_SOURCE not in rules
 
 
 def test_the_bus_policy_lets_only_root_own_the_name_and_anyone_call() -> None:

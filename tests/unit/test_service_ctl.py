@@ -21,7 +21,7 @@ from dbus_next.message import Message
 
 from abflasher import errors
 from abflasher.ctl import EXIT_UNAVAILABLE, Output, ProgressView, ServiceUnavailable, error_from_reply, human_bytes
-from abflasher.service.auth import ACTION_MANAGE_BOOT, ACTION_UPDATE
+from abflasher.service.contract import ACTION_MANAGE_BOOT, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE
 from tests.support.bus import MIB, REPO, DBusDaemon, stop_process
 from tests.support.polkit import DbusmockPolkit
 from tests.support.serviceprocess import ServiceProcess
@@ -37,7 +37,7 @@ def bus(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> DBusDaemon:
 @pytest.fixture
 def polkit(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> Iterator[DbusmockPolkit]:
     polkit = bus_and_polkit[1]
-    asyncio.run(polkit.set_allowed([ACTION_UPDATE, ACTION_MANAGE_BOOT]))
+    asyncio.run(polkit.set_allowed([ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE, ACTION_MANAGE_BOOT]))
     yield polkit
     asyncio.run(polkit.set_allowed([]))
 

@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from abflasher import errors
-from abflasher.image.sources import FdSource, FileSource, HttpSource, HttpStatusError, open_source
+from abflasher.image.http import HttpSource, HttpStatusError
+from abflasher.image.sources import FdSource, FileSource, open_source
 from tests.support.httpserver import FaultServer, make_self_signed_cert, serve_files
 
 pytestmark = pytest.mark.timeout(30)

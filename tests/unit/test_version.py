@@ -178,6 +178,29 @@ def test_invalid_versions_are_refused(text: str, message_part: str) -> None:
         compare_versions(text, "1.0")
 
 
+def test_a_version_too_long_is_refused_without_being_echoed() -> None:
+    huge = "1" * (1 << 20)
+    for text in (huge, huge + ".0", "1." + "9" * 300, "1:" + "0" * 4400 + "1"):
+        with pytest.raises(InvalidArgument, match="at most 256") as caught:
+            parse_version(text)
+        assert len(str(caught.value)) < 200
+        with pytest.raises(InvalidArgument):
+            compare_versions(text, "1.0.0")
+    assert compare_versions("1." + "9" * 254, "1." + "9" * 253) == 1
+
+
+def test_digit_runs_longer_than_python_converts_compare_as_numbers() -> None:
+    # 4301 digits: int() of it raises ValueError (Python's conversion limit); versions built directly skip the bound.
+    many = "1" * 4301
+    assert Version(0, many).compare(Version(0, "1.0.0")) == 1
+    assert Version(0, "1.0.0").compare(Version(0, many)) == -1
+    assert Version(0, many).compare(Version(0, "000" + many)) == 0
+    assert Version(0, many + "0").compare(Version(0, many + "1")) == -1
+    assert Version(0, many) == Version(0, "0" + many)
+    assert hash(Version(0, many)) == hash(Version(0, "0" + many))
+    assert Version(0, "1.0" + "0" * 5000) == Version(0, "1." + "0" * 5000)
+
+
 def test_comparing_with_other_types_is_not_supported() -> None:
     version = parse_version("1.0")
     assert version != "1.0"
