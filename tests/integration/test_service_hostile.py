@@ -17,16 +17,7 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import MessageType
 from dbus_next.message import Message
 
-from tests.support.bus import (
-    BUS_NAME,
-    INTERFACE,
-    OBJECT_PATH,
-    ServiceProcess,
-    SignalRecorder,
-    TestUsers,
-    stop_process,
-    wait_until,
-)
+from tests.support.bus import BUS_NAME, INTERFACE, OBJECT_PATH, stop_process, wait_until
 from tests.support.service_rig import (
     ERR,
     Device,
@@ -39,6 +30,9 @@ from tests.support.service_rig import (
     slot_of,
     status_of,
 )
+from tests.support.serviceprocess import ServiceProcess
+from tests.support.signals import SignalRecorder
+from tests.support.users import TestUsers
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 

@@ -22,7 +22,10 @@ from abflasher.service.contract import ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE,
 from abflasher.service.dbus_adapter import method_guards
 from abflasher.service.interface import METHOD_ACTIONS, READ_ONLY_METHODS, UpdaterInterface
 from abflasher.updater import CheckResult, PreparedUpdate, UpdateOutcome
-from tests.support.bus import INTERFACE, DBusDaemon, DbusmockPolkit, FakeUpdater, InProcessService, error_of, ok
+from tests.support.bus import INTERFACE, DBusDaemon
+from tests.support.fakeupdater import FakeUpdater
+from tests.support.inprocess import InProcessService, error_of, ok
+from tests.support.polkit import DbusmockPolkit
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,9 +17,10 @@ import requests
 
 from abflasher import errors
 from abflasher.image.checksums import fetch_checksum
+from abflasher.image.destinations import FileObjectWriter
 from abflasher.image.http import HttpSource
 from abflasher.image.locations import redact_text, redact_url
-from abflasher.image.pipeline import FileObjectWriter, stream_image
+from abflasher.image.pipeline import stream_image
 from abflasher.image.sources import FdSource
 from tests.support.httpserver import FaultServer
 
