@@ -547,19 +547,22 @@ class QemuPi:
     def write_data_file(self, path: str, text: str) -> None:
         """Put a file on the data partition while the guest is off (e.g. a new update request)."""
         data = self.disk.by_role("data")
-        with tempfile.NamedTemporaryFile("w", dir=self.workdir, delete=False) as handle:
-            handle.write(text)
+        source = self.workdir / "data-file"
+        source.write_text(text)
+        # A loop device over the partition: e2fsck cannot restart itself on an ``image?offset=`` name after replaying
+        # the journal. The replay must come first after a power cut, or replaying that journal at the guest's next
+        # mount could undo this write.
+        loop = run(["losetup", "--find", "--show", "--offset", str(data.offset), "--sizelimit",
+                    str(data.size_bytes), str(self.disk.path)], timeout=60).strip()
         try:
-            image = f"{self.disk.path}?offset={data.offset}"
-            # After a power cut the journal holds what the guest last wrote: replay it first, or replaying it at the
-            # guest's next mount could undo this write. e2fsck exits 1 when it fixed something, which is fine here.
-            fsck = subprocess.run(["e2fsck", "-fy", image], capture_output=True, text=True, timeout=300, check=False)
-            if fsck.returncode > 1:
+            fsck = subprocess.run(["e2fsck", "-fy", loop], capture_output=True, text=True, timeout=300, check=False)
+            if fsck.returncode > 1:  # 1: it fixed something, which a power cut may leave
                 raise GuestError(f"e2fsck of the data partition exited {fsck.returncode}: {fsck.stdout[-2000:]}")
-            run(["debugfs", "-w", "-R", f"rm {path}", image], timeout=60)
-            run(["debugfs", "-w", "-R", f"write {handle.name} {path}", image], timeout=60)
+            run(["debugfs", "-w", "-R", f"rm {path}", loop], timeout=60)
+            run(["debugfs", "-w", "-R", f"write {source} {path}", loop], timeout=60)
         finally:
-            os.unlink(handle.name)
+            run(["losetup", "-d", loop], timeout=60)
+            source.unlink()
 
     def boot(self, *, power_cut_after: tuple[str, float] | None = None) -> GuestBoot:
         """One boot. ``power_cut_after=(key, seconds)``: QEMU is killed (a power cut) that long after the guest

@@ -172,6 +172,9 @@ def test_good_update_is_tried_once_then_committed(make_pi: MakePi, guest_build: 
         f"the boot-check did not commit the trial of slot b: {verdict}\n{_describe(trial)}"
     assert trial.value("version") == "1.1.0", _describe(trial)
     assert trial.ended == "poweroff", _describe(trial)
+    # The trial was armed and systemd took the watchdog over in time (the package's RuntimeWatchdogSec drop-in).
+    assert trial.decision.watchdog_armed, trial.decision
+    assert trial.value("watchdog") == "15s active", _describe(trial)
     state_b = trial.state()
     assert _slot_states(state_b).get("b") == "good", state_b
     assert "trial" not in state_b, state_b
@@ -218,9 +221,11 @@ def _report(pi: QemuPi, guest_build: GuestBuild, scenario: str, fault_at: float,
     """One line for the timings report: boots, wall time, time from the fault to the old slot running."""
     boots = pi.boots
     wall = boots[-1].started + boots[-1].seconds - boots[0].started
+    faulty = boots[back.number - 2]  # the boot the fault ended
+    ended = faulty.started + faulty.seconds - fault_at
     recovered = back.seen["version"] - fault_at
     line = (f"{scenario}: {len(boots)} boots ({', '.join(b.ended for b in boots)}), wall {wall:.0f} s, "
-            f"fault -> old slot running {recovered:.0f} s")
+            f"fault -> reset {ended:.0f} s, fault -> old slot running {recovered:.0f} s")
     guest_build.timings.phases.append((line, wall))
     print(line)
     return line
@@ -292,6 +297,7 @@ def test_a_power_cut_while_writing_leaves_the_old_slot_and_the_next_update_works
     assert not again.decision.tryboot
     assert again.root_partition == 2, _describe(again)
     assert again.value("version") == "1.0.0", _describe(again)
+    assert _slot_states(again.state()).get("b") == "incomplete", "the power cut did not hit the write"
     assert again.value("update-start") == guest_build.good.guest_path, _describe(again)
     assert again.ended == "reboot", _describe(again)
 
