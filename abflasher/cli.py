@@ -72,6 +72,16 @@ def _build_parser() -> argparse.ArgumentParser:
     boot_check.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
     boot_check.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
+    deadline = commands.add_parser(
+        "trial-deadline",
+        help="on boot: reboot into the committed slot if a trial is not committed within trial_deadline",
+        description="Run by ab-flasher-trial-deadline.service early in every boot. On a normal boot it exits at "
+        "once; on a trial boot it waits until trial_deadline seconds after boot and, if the trial is still not "
+        "committed, records it as bad and reboots into the committed slot (forcing the reboot if it does not "
+        "happen).",
+    )
+    deadline.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+
     status = commands.add_parser(
         "status",
         help="the slot table, read directly (root; abflasherctl status asks the service instead)",
@@ -186,14 +196,41 @@ def _write(args: argparse.Namespace) -> InstallResult:
 
 
 def _boot_check(args: argparse.Namespace) -> int:
+    from abflasher.systemd_watchdog import sync_mask
     from abflasher.updater import Updater
 
-    result = Updater(load_config(args.config)).boot_check()
+    config = load_config(args.config)
+    _log_to_stderr()
+    try:
+        changed = sync_mask(config.runtime_watchdog, config.root_path)
+    except OSError as exc:
+        changed = f"could not apply runtime_watchdog = {'yes' if config.runtime_watchdog else 'no'}: {exc}"
+    if changed:
+        print(changed, file=sys.stderr)
+    result = Updater(config).boot_check()
     if args.json:
         print(json.dumps({"trial": result.trial, "committed": result.committed, "message": result.message}))
     else:
         print(result.message)
     return 0 if result.committed or not result.trial else errors.NoTrial.exit_code
+
+
+def _log_to_stderr() -> None:
+    """The engine's log lines go to the journal (stderr of the boot units), without a timestamp of their own."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _trial_deadline(args: argparse.Namespace) -> int:
+    from abflasher.deadline import enforce_trial_deadline
+    from abflasher.updater import Updater
+
+    config = load_config(args.config)
+    _log_to_stderr()
+    result = enforce_trial_deadline(Updater(config), config.trial_deadline, config.reboot_command)
+    print(result.message)
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -236,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "boot-check":
             return _boot_check(args)
+        if args.command == "trial-deadline":
+            return _trial_deadline(args)
         if args.command == "status":
             return _status(args)
         result = _write(args)

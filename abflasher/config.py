@@ -61,6 +61,14 @@ class Config:
     health_systemd: str = "running"
     #: Reboot back to the committed slot when a trial boot fails its health checks.
     reboot_on_failed_health: bool = True
+    #: Seconds after boot by which a trial must be committed, or it is rejected and the device reboots into the
+    #: committed slot, whatever is stuck (ab-flasher-trial-deadline.service); 0: no deadline.
+    trial_deadline: float = 600.0
+    #: Keep the package's systemd drop-in that makes systemd pet the hardware watchdog (RuntimeWatchdogSec); no:
+    #: mask it, leaving systemd's own setting alone (from the next boot).
+    runtime_watchdog: bool = True
+    #: Arm the Pi firmware's watchdog for a trial boot (kernel_watchdog_timeout, in seconds); 0: do not arm.
+    trial_watchdog_timeout: int = 60
 
     # Image handling.
     #: gzip inflater: auto (isal or zlib-ng when installed) | zlib | isal | zlib-ng.
@@ -127,6 +135,14 @@ def _validate(config: Config) -> None:
         raise errors.InvalidArgument(
             f"configuration option upload_idle_timeout = {config.upload_idle_timeout:g}: "
             "use 0 (no limit) or a number of seconds"
+        )
+    for name in ("health_timeout", "trial_deadline"):
+        if getattr(config, name) < 0:
+            raise errors.InvalidArgument(f"configuration option {name} = {getattr(config, name):g}: must be >= 0")
+    if not 0 <= config.trial_watchdog_timeout <= 3600:
+        raise errors.InvalidArgument(
+            f"configuration option trial_watchdog_timeout = {config.trial_watchdog_timeout}: use 0 (off) or "
+            "1 to 3600 seconds"
         )
     for name in ("image_url", "channel_url", "boot_artifact_url"):
         value = getattr(config, name)

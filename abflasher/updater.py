@@ -47,6 +47,7 @@ from abflasher.disk.slots import (
     slot_version,
 )
 from abflasher.disk.table import read_table
+from abflasher.health import run_check
 from abflasher.image.locations import check_http_url, redact_url
 from abflasher.image.pipeline import Progress
 from abflasher.version import compare_versions, parse_version
@@ -273,10 +274,12 @@ class Updater:
         *,
         runner: Runner = _run_command,
         open_fat: Callable[[str], FatVolume] | None = None,
+        check_runner: Runner = run_check,
     ) -> None:
         self.config = config
         self.state = StateFile(config.state_file, self._other_slot_state, self._device_id)
         self._run = runner
+        self._run_check = check_runner  # health checks: killed with their whole process group at the timeout
         self._open_fat = open_fat
         self._job = threading.Lock()
 
@@ -350,7 +353,8 @@ class Updater:
                 "set disk= in /etc/ab-flasher/ab-flasher.conf"
             )
         layout = detect_layout(read_table(disk), disk, cfg.layout)
-        return layout, bootloader_for(layout, self._open_fat), booted_slot(layout, booted_root)
+        boot = bootloader_for(layout, self._open_fat, trial_watchdog_timeout=cfg.trial_watchdog_timeout)
+        return layout, boot, booted_slot(layout, booted_root)
 
     def _system(self) -> _System:
         layout, boot, booted = self._disk()
@@ -808,6 +812,27 @@ class Updater:
             state.pop("trial", None)
             state["primary"] = system.primary
 
+    # --- the commit deadline (abflasher/deadline.py) ---
+    def trial_undecided(self) -> bool | None:
+        """Is the booted slot on trial, neither committed nor rejected-and-left-running? None: not an A/B disk."""
+        try:
+            system = self._system()
+        except errors.Incompatible:
+            return None
+        state = self.state.load()
+        if not self._trial_active(system, state):
+            return False
+        rejected = state["slots"].get(system.booted.name, {}).get("state") == "bad"
+        return not rejected or self.config.reboot_on_failed_health
+
+    def reject_overdue_trial(self, why: str, *, wait: float) -> bool:
+        try:
+            with self._exclusive(wait=wait):
+                self._reject(self._system(), why)
+        except errors.Busy:
+            return False
+        return True
+
     def rollback(self) -> None:
         with self._exclusive():
             system = self._system()
@@ -870,7 +895,7 @@ class Updater:
                 log.info("health check %s is not executable; skipped", check)
                 continue
             try:
-                done = self._run([str(check)], self.config.health_timeout)
+                done = self._run_check([str(check)], self.config.health_timeout)
             except subprocess.TimeoutExpired:
                 failures.append(f"{check.name} timed out after {self.config.health_timeout:g} s")
                 continue

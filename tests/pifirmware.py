@@ -36,6 +36,12 @@ The rules, and where this model had to choose (each choice is the conservative o
    other files. A kernel that does not exist → `KernelNotFound` (the device hangs; a reset boots without the flag).
 5. Cmdline: the first line of the cmdline file (the kernel gets one line); a missing file gives an empty cmdline.
    ``root=`` is the last ``root=`` on it (the kernel keeps the last), None if there is none.
+6. Watchdog: the firmware starts the hardware watchdog before the kernel when the config lines in effect (after
+   filters, so a ``[tryboot]`` section counts only on a tryboot) set ``kernel_watchdog_timeout=N`` (N > 0) *and*
+   ``dtparam=watchdog=on`` (newer firmware needs both; the model asks for both, the conservative choice), and
+   hands it to Linux with ``watchdog.open_timeout=N`` appended to the cmdline (`BootDecision.kernel_cmdline`).
+   Without it a hang strands the device (`PiDevice.hang` raises `Stranded`); with it the hang ends in a reset,
+   which boots like a power cycle: without the one-shot flag.
 File names on FAT are case-insensitive, here too (also for directory fixtures).
 MBR PARTUUID = the 32-bit disk signature at byte 440 (little-endian) as 8 hex digits, ``-``, the partition number as
 2 hex digits (partition 10 → ``-0a``).
@@ -99,6 +105,10 @@ class NoBootablePartition(NoBootableSystem):
 
 class KernelNotFound(NoBootableSystem):
     """A boot partition was chosen but the kernel it names is missing: the boot hangs."""
+
+
+class Stranded(FirmwareModelError):
+    """A hang with no watchdog armed: nothing resets the device until someone power-cycles it."""
 
 
 class UnresolvableRoot(FirmwareModelError):
@@ -462,6 +472,38 @@ class BootDecision:
     requested_partition: int = 0
     model: str = "pi4"
     notes: tuple[str, ...] = field(default=())
+    #: kernel_watchdog_timeout the firmware started the watchdog with; 0: not armed (rule 6).
+    watchdog_timeout: int = 0
+
+    @property
+    def watchdog_armed(self) -> bool:
+        return self.watchdog_timeout > 0
+
+    @property
+    def kernel_cmdline(self) -> str:
+        """The command line the kernel gets: the cmdline file's, plus what the firmware adds (rule 6)."""
+        if not self.watchdog_armed:
+            return self.cmdline
+        return f"{self.cmdline} watchdog.open_timeout={self.watchdog_timeout}".strip()
+
+
+def _dtparam_on(lines: Iterable[ConfigLine], name: str) -> bool:
+    """Whether ``dtparam=`` lines (``a=on,b`` lists, later ones win) leave the parameter ``name`` on."""
+    state = False
+    for line in lines:
+        if line.key != "dtparam":
+            continue
+        for item in line.value.split(","):
+            key, _equals, value = item.strip().partition("=")
+            if key.strip() == name:
+                state = value.strip().lower() in ("", "on", "1", "yes", "true")
+    return state
+
+
+def watchdog_timeout_of(lines: list[ConfigLine]) -> int:
+    """The watchdog timeout the firmware arms for these config lines (rule 6); 0 when it arms none."""
+    timeout = _parse_int(last_value(lines, "kernel_watchdog_timeout") or "") or 0
+    return timeout if timeout > 0 and _dtparam_on(lines, "watchdog") else 0
 
 
 def is_bootable(disk: BootDisk, number: int, model: str) -> bool:
@@ -588,6 +630,7 @@ def decide_boot(
         requested_partition=requested,
         model=model,
         notes=tuple(notes),
+        watchdog_timeout=watchdog_timeout_of(lines),
     )
 
 
@@ -699,8 +742,19 @@ class PiDevice:
         self._pending_partition, self._pending_tryboot = 0, False
         return self.boot()
 
-    # A hang ends in the watchdog (or a person) resetting the board, which boots like a power cycle.
+    # A reset (the watchdog's, or a person's) boots like a power cycle: the one-shot state is gone.
     watchdog_reset = power_cycle
+
+    def hang(self) -> BootDecision:
+        """The running boot hangs: the watchdog resets the board if the firmware armed it for this boot (rule 6);
+        otherwise the device is stranded."""
+        current = self.current
+        if current is None:
+            raise FirmwareModelError("the device has not booted yet")
+        if not current.watchdog_armed:
+            raise Stranded(f"the boot of {current.kernel} (partition {current.partition}, {current.config_file}) "
+                           "hung with no watchdog armed: nothing resets the device")
+        return self.watchdog_reset()
 
     def root_partition(self, decision: BootDecision | None = None) -> int:
         """The partition mounted as ``/`` by ``decision`` (default: the last boot)."""

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from abflasher import errors
-from abflasher.boot import bootfiles, slotswitch
+from abflasher.boot import bootfiles, slotswitch, watchdog
 from abflasher.boot.base import Bootloader
 from abflasher.boot.fat import FatVolume, open_volume
 from abflasher.disk.slots import DiskLayout, Slot
@@ -38,8 +38,10 @@ def _root_spec(slot: Slot) -> str:
     return f"PARTUUID={slot.root_partuuid}"
 
 
-def _fix_cmdline_in_tree(tree: Path, slot: Slot) -> None:
+def _fix_cmdline_in_tree(tree: Path, slot: Slot, *, keep_watchdog: bool = False) -> None:
     cmdline = tree / CMDLINE_TXT
+    if keep_watchdog and cmdline.is_file():
+        cmdline.write_text(watchdog.keep_watchdog_armed(cmdline.read_text()))
     if not cmdline.is_file():
         raise errors.BadImage(f"the boot files for slot {slot.name} have no {CMDLINE_TXT}")
     cmdline.write_text(bootfiles.set_cmdline_root(cmdline.read_text(), _root_spec(slot)))
@@ -59,12 +61,15 @@ def _extract_tarball(artifact: Path, dest: Path) -> None:
 
 
 class _PiBoot:
-    def __init__(self, layout: DiskLayout, open_fat: VolumeOpener | None = None) -> None:
+    def __init__(self, layout: DiskLayout, open_fat: VolumeOpener | None = None, *,
+                 trial_watchdog_timeout: int = 0) -> None:
         self.layout = layout
         self._open_fat: VolumeOpener = open_fat or open_volume
         self._firmware: FatVolume | None = None
+        #: kernel_watchdog_timeout for trial boots only; 0: not armed (abflasher/boot/watchdog.py).
+        self.trial_watchdog_timeout = trial_watchdog_timeout
         #: config.txt settings for trial boots only (the prefix layout puts them in tryboot.txt).
-        self.trial_settings: tuple[str, ...] = ()
+        self.trial_settings: tuple[str, ...] = tuple(watchdog.arming_lines(trial_watchdog_timeout))
 
     @property
     def firmware(self) -> FatVolume:
@@ -167,7 +172,7 @@ class PrefixBoot(_PiBoot):
                 _extract_tarball(artifact, tree)
             else:
                 self.firmware.export_tree(self._prefix(running.name), tree)
-            _fix_cmdline_in_tree(tree, target)
+            _fix_cmdline_in_tree(tree, target, keep_watchdog=self.trial_watchdog_timeout > 0)
             self.firmware.import_tree(tree, folder)
 
     def repair(self, primary_hint: str | None) -> list[str]:
@@ -266,6 +271,7 @@ class AutobootBoot(_PiBoot):
             if cmdline is None:
                 raise errors.BadImage(f"the boot partition image for slot {target.name} has no {CMDLINE_TXT}")
             volume.write_atomic(CMDLINE_TXT, bootfiles.set_cmdline_root(cmdline, _root_spec(target)).encode())
+            self._arm_trial_watchdog(volume)
             return
         running_volume = self._open_fat(self.layout.node(self._boot_partition(running.name)))
         with tempfile.TemporaryDirectory(prefix="ab-flasher-boot-") as tmp:
@@ -275,6 +281,19 @@ class AutobootBoot(_PiBoot):
             _fix_cmdline_in_tree(tree, target)
             _make_fat(device, label=f"BOOT_{target.name.upper()}")
             self._open_fat(device).import_tree(tree, "/")
+        self._arm_trial_watchdog(self._open_fat(device))
+
+    def _arm_trial_watchdog(self, volume: FatVolume) -> None:
+        """The new slot's own config.txt gets a [tryboot] section arming the watchdog (read only on its trial boot),
+        its cmdline.txt keeps the watchdog armed through the initramfs (abflasher/boot/watchdog.py). Replacing these
+        files is safe: no trial points at this partition until it is armed, after this."""
+        if self.trial_watchdog_timeout <= 0:
+            return
+        config = self._read_text(volume, CONFIG_TXT) or ""
+        volume.write_atomic(CONFIG_TXT, watchdog.arm_tryboot_section(config, self.trial_watchdog_timeout).encode())
+        cmdline = self._read_text(volume, CMDLINE_TXT)
+        if cmdline is not None:
+            volume.write_atomic(CMDLINE_TXT, watchdog.keep_watchdog_armed(cmdline).encode())
 
     def repair(self, primary_hint: str | None) -> list[str]:
         repaired = [f"removed stale {name}" for name in self.firmware.cleanup_stale_temp()]
@@ -301,7 +320,8 @@ def _make_fat(device: str, *, label: str) -> None:
         raise errors.DeviceError(f"mkfs.vfat {device} failed: {done.stderr.strip() or done.stdout.strip()}")
 
 
-def bootloader_for(layout: DiskLayout, open_fat: VolumeOpener | None = None) -> Bootloader:
+def bootloader_for(layout: DiskLayout, open_fat: VolumeOpener | None = None, *,
+                   trial_watchdog_timeout: int = 0) -> Bootloader:
     if layout.kind == "autoboot":
-        return AutobootBoot(layout, open_fat)
-    return PrefixBoot(layout, open_fat)
+        return AutobootBoot(layout, open_fat, trial_watchdog_timeout=trial_watchdog_timeout)
+    return PrefixBoot(layout, open_fat, trial_watchdog_timeout=trial_watchdog_timeout)

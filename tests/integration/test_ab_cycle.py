@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from abflasher import errors
+from abflasher.config import Config
+from abflasher.deadline import enforce_trial_deadline
 from abflasher.image.pipeline import Progress
 from abflasher.updater import UpdateRequest
 from tests import pifirmware
@@ -115,6 +117,12 @@ def test_failed_health_check_is_not_committed(pi: SimulatedPi, tmp_path: Path) -
 
 def test_hung_trial_falls_back_on_the_next_reset(pi: SimulatedPi, tmp_path: Path) -> None:
     install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    # The firmware arms its watchdog for the trial only, from what the update wrote (abflasher/boot/watchdog.py),
+    # and the initramfs is told to leave it running for systemd.
+    trial = pi.firmware(tryboot=True)
+    assert trial.watchdog_timeout == Config().trial_watchdog_timeout
+    assert "watchdog_disarm=0" in trial.cmdline.split()
+    assert not pi.firmware(tryboot=False).watchdog_armed, "the committed configuration is not changed"
     assert pi.boot(tryboot=True) == "b"
     # ...and it hangs before the health check: the watchdog resets it, without the one-shot flag.
     assert pi.boot(tryboot=False) == "a"
@@ -122,6 +130,30 @@ def test_hung_trial_falls_back_on_the_next_reset(pi: SimulatedPi, tmp_path: Path
     assert not result.trial
     assert "did not come up" in result.message
     assert [s.state for s in pi.updater().status().slots] == ["good", "bad"]
+
+
+def test_a_trial_not_committed_by_its_deadline_is_rejected_and_rebooted(pi: SimulatedPi, tmp_path: Path) -> None:
+    install(pi, root_image(tmp_path, "1.1.0"), "1.1.0")
+    assert pi.boot(tryboot=True) == "b"
+    updater = pi.updater()
+    assert updater.trial_undecided() is True
+    now = [30.0]
+    commands: list[tuple[str, ...]] = []
+
+    def run(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        commands.append(tuple(command))
+        return subprocess.CompletedProcess(list(command), 0, "", "")
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    # The boot-check never ran (a stalled boot): at the deadline the trial is rejected and the device rebooted.
+    result = enforce_trial_deadline(updater, 300, pi.config.reboot_command, run, clock=lambda: now[0], sleep=sleep)
+    assert result.acted
+    assert commands[0] == tuple(pi.config.reboot_command)
+    assert [s.state for s in updater.status().slots] == ["good", "bad"]
+    assert pi.boot(tryboot=False) == "a"
+    assert pi.updater().trial_undecided() is False, "the committed slot is no trial: the deadline does nothing"
 
 
 def test_update_again_from_b_to_a(pi: SimulatedPi, tmp_path: Path) -> None:
@@ -224,6 +256,7 @@ def test_refuses_up_to_date_and_downgrade(pi: SimulatedPi, tmp_path: Path) -> No
 INTERRUPTED_WRITER = """
 import os, sys, threading
 from abflasher.config import Config
+from abflasher.deadline import enforce_trial_deadline
 from abflasher.updater import Updater, UpdateRequest
 import json
 config = Config(**json.loads(sys.argv[1]))

@@ -47,6 +47,9 @@ UNIT_DIR = Path("/lib/systemd/system")
 SERVICE_UNIT = UNIT_DIR / "ab-flasher.service"
 BOOT_CHECK_UNIT = UNIT_DIR / "ab-flasher-boot-check.service"
 BOOT_CHECK_LINK = Path("/etc/systemd/system/multi-user.target.wants/ab-flasher-boot-check.service")
+DEADLINE_UNIT = UNIT_DIR / "ab-flasher-trial-deadline.service"
+DEADLINE_LINK = Path("/etc/systemd/system/sysinit.target.wants/ab-flasher-trial-deadline.service")
+WATCHDOG_DROP_IN = Path("/usr/lib/systemd/system.conf.d/60-ab-flasher-watchdog.conf")
 SITE_PACKAGES = Path("/usr/lib/python3/dist-packages")
 ACTIVATION_DIR = Path("/usr/share/dbus-1/system-services")
 BUS_NAME = "org.abflasher.Updater"
@@ -59,6 +62,8 @@ INSTALLED_FILES = (
     "/usr/bin/ab-flasherd",
     "/lib/systemd/system/ab-flasher.service",
     "/lib/systemd/system/ab-flasher-boot-check.service",
+    "/lib/systemd/system/ab-flasher-trial-deadline.service",
+    "/usr/lib/systemd/system.conf.d/60-ab-flasher-watchdog.conf",
     "/usr/share/dbus-1/system.d/org.abflasher.Updater.conf",
     "/usr/share/dbus-1/system-services/org.abflasher.Updater.service",
     "/usr/share/dbus-1/interfaces/org.abflasher.Updater1.xml",
@@ -85,6 +90,9 @@ PURGED_PATHS = (
     BOOT_CHECK_LINK.as_posix(),
     "/var/lib/systemd/deb-systemd-helper-enabled/ab-flasher-boot-check.service.dsh-also",
     "/var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/ab-flasher-boot-check.service",
+    DEADLINE_LINK.as_posix(),
+    "/var/lib/systemd/deb-systemd-helper-enabled/ab-flasher-trial-deadline.service.dsh-also",
+    "/var/lib/systemd/deb-systemd-helper-enabled/sysinit.target.wants/ab-flasher-trial-deadline.service",
 )
 
 #: Runtime Depends of the release package: Debian packages only, each for something the code needs.
@@ -219,7 +227,7 @@ def test_bash_completion() -> None:
     assert complete("abflasherctl", "abflasherctl reboot t") == ["trial"]
     assert complete("abflasherctl", "abflasherctl --json update --a") == ["--allow-downgrade"]
     assert "--no-ask-password" in complete("abflasherctl", "abflasherctl mark-good --")
-    assert complete("ab-flasher", "ab-flasher ") == ["boot-check", "status", "write"]
+    assert complete("ab-flasher", "ab-flasher ") == ["boot-check", "status", "trial-deadline", "write"]
     assert complete("ab-flasher", "ab-flasher write --format z") == ["zstd"]
     assert complete("ab-flasher", "ab-flasher write --inflater zlib") == ["zlib", "zlib-ng"]
     assert "--sha256-url" in complete("ab-flasher", "ab-flasher write img.gz --sha")
@@ -400,6 +408,9 @@ def test_apt_installs_the_package(installed: Machine) -> None:
     assert grp.getgrnam(GROUP).gr_gid < 1000, "abflasher is a system group"
     assert CONFFILE.read_text() == (REPO / "debian" / "ab-flasher.conf").read_text()
     assert os.readlink(BOOT_CHECK_LINK) == str(BOOT_CHECK_UNIT), "the boot check is enabled"
+    assert os.readlink(DEADLINE_LINK) == str(DEADLINE_UNIT), "the trial deadline is enabled, early in every boot"
+    # systemd pets the hardware watchdog (the drop-in is read by PID 1 at boot): see abflasher/systemd_watchdog.py.
+    assert re.search(r"^RuntimeWatchdogSec=15s$", WATCHDOG_DROP_IN.read_text(), re.MULTILINE)
     # The commands are the installed ones, on Debian's python3, without the source tree.
     version = run(["abflasherctl", "--version"]).stdout.strip()
     assert version == f"abflasherctl {__version__}"
@@ -417,7 +428,7 @@ def test_apt_installs_the_package(installed: Machine) -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze", path=CLEAN_PATH) is None, reason="systemd is not installed")
 def test_installed_units_verify_and_keep_their_hardening(installed: Machine) -> None:
     # The units are well-formed and everything they name (binaries, man pages) is installed.
-    verify = run(["systemd-analyze", "verify", SERVICE_UNIT, BOOT_CHECK_UNIT], check=False)
+    verify = run(["systemd-analyze", "verify", SERVICE_UNIT, BOOT_CHECK_UNIT, DEADLINE_UNIT], check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not (verify.stdout + verify.stderr).strip()
     unit = SERVICE_UNIT.read_text()

@@ -63,12 +63,34 @@ GUEST_PACKAGES = (
     "linux-image-amd64",
 )
 # Bump when the recipe of the cached base tree changes: it names the cache directory.
-BASE_RECIPE = "1"
+BASE_RECIPE = "2"
 
 # Kernel modules the guest keeps (the initrd is made before pruning and keeps what it took): file systems, virtio
 # and the libraries they use. The rest (GPU, sound, network cards, ...) is 300 MiB the guest never loads.
 KEPT_MODULE_DIRS = ("kernel/fs", "kernel/lib", "kernel/crypto", "kernel/arch", "kernel/block", "kernel/mm",
-                    "kernel/drivers/virtio", "kernel/drivers/block", "kernel/drivers/char", "kernel/drivers/md")
+                    "kernel/drivers/virtio", "kernel/drivers/block", "kernel/drivers/char", "kernel/drivers/md",
+                    "kernel/drivers/watchdog")
+
+# The Pi firmware starts its hardware watchdog before the kernel when the config it read arms it
+# (kernel_watchdog_timeout, tests/pifirmware.py rule 6). QEMU's emulated i6300esb has no firmware to start it, so
+# the host passes the model's decision on the cmdline (abtest.firmware_watchdog=N) and this initramfs script starts
+# the watchdog first thing, with nobody petting it: like on the Pi, the boot is reset unless systemd opens
+# /dev/watchdog0 in time (the package's RuntimeWatchdogSec drop-in).
+_FIRMWARE_WATCHDOG_HOOK = r"""#!/bin/sh
+PREREQ="udev"
+prereqs() { echo "$PREREQ"; }
+case "$1" in prereqs) prereqs; exit 0 ;; esac
+timeout=""
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in abtest.firmware_watchdog=*) timeout="${arg#*=}" ;; esac
+done
+[ -n "$timeout" ] || exit 0
+modprobe i6300esb heartbeat="$timeout" || { echo "ABTEST firmware-watchdog-failed modprobe"; exit 0; }
+for wait in 1 2 3 4 5 6 7 8 9 10; do [ -c /dev/watchdog0 ] && break; sleep 0.2; done
+# Opening starts it; closing without the magic 'V' leaves it running ("watchdog did not stop!").
+if : > /dev/watchdog0; then echo "ABTEST firmware-watchdog ${timeout}"
+else echo "ABTEST firmware-watchdog-failed open"; fi
+"""
 
 SIGNATURE = DEFAULT_SIGNATURE
 BOOT_MB = 128
@@ -144,6 +166,15 @@ def ensure_base_root(cache_dir: Path = CACHE_DIR) -> BaseRoot:
         run(["debootstrap", "--variant=minbase", f"--include={','.join(GUEST_PACKAGES)}", SUITE, str(wip),
              MIRROR], timeout=3600)
         bootstrapped.touch()
+    hook = wip / "etc/initramfs-tools/scripts/init-top/abtest-firmware-watchdog"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(_FIRMWARE_WATCHDOG_HOOK)
+    hook.chmod(0o755)
+    modules = wip / "etc/initramfs-tools/modules"
+    if "i6300esb" not in modules.read_text():
+        modules.write_text(modules.read_text() + "i6300esb\n")
+    run(["chroot", str(wip), "update-initramfs", "-u", "-k", "all"], timeout=900,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     kernels = sorted((wip / "boot").glob("vmlinuz-*"))
     initrds = sorted((wip / "boot").glob("initrd.img-*"))
     if len(kernels) != 1 or len(initrds) != 1:
@@ -211,6 +242,8 @@ systemctl --failed --plain --no-legend | sed 's/^/ABTEST failed-unit /'
 state_dir=$(sed -n 's/^state_dir *= *//p' /etc/ab-flasher/ab-flasher.conf | tail -n 1)
 say "state $(cat "${state_dir:-/var/lib/ab-flasher}/state.json" 2>/dev/null | one_line)"
 say "status $(ab-flasher status --json 2>&1 | one_line)"
+say "ctl-status $(abflasherctl status --json --no-ask-password 2>&1 | one_line)"
+say "watchdog $(systemctl show -p RuntimeWatchdogUSec --value) $(cat /sys/class/watchdog/watchdog0/state 2>/dev/null)"
 if [ -f /data/abtest/request ]; then
     read -r image sha256 < /data/abtest/request
     rm -f /data/abtest/request
@@ -218,8 +251,6 @@ if [ -f /data/abtest/request ]; then
     say "update-start $image"
     abflasherctl update --file "$image" --sha256 "$sha256" --reboot --no-ask-password 2>&1 \
         | tr '\r' '\n' | tail -n 5 | sed 's/^/ABTEST update-log /'
-    status=$(abflasherctl status --json 2>&1 | one_line)
-    say "ctl-status $status"
     # On success the service is rebooting the guest into the trial, which ends this script: until then, wait.
     sleep 300
     say "update-did-not-reboot"
@@ -268,13 +299,19 @@ ExecStop=/usr/local/sbin/abtest-reboot-param
 WantedBy=multi-user.target
 """
 
-# The boot-check's verdict also goes to the serial console: a failed trial reboots before the driver can report.
+# The boot-check's verdict (and the trial deadline's) also goes to the serial console: a failed trial reboots before
+# the driver can report.
 _BOOT_CHECK_CONSOLE = """[Service]
 StandardOutput=journal+console
 StandardError=journal+console
 """
 
 FAILING_HEALTH_CHECK = "#!/bin/sh\necho 'abtest: this image is bad on purpose' >&2\nexit 1\n"
+# A health check that never returns, and whose child holds its output open (what subprocess.run waited for).
+HANGING_HEALTH_CHECK = ("#!/bin/sh\necho 'ABTEST health-hang-start' > /dev/console\n(sleep 100000; echo never) &\n"
+                        "sleep 100000\n")
+# An init that hangs before systemd starts (the kernel and initramfs came up; userspace never does).
+HANGING_INIT = "#!/bin/sh\necho 'ABTEST hang-start' > /dev/console\nwhile :; do sleep 3600; done\n"
 
 
 def make_guest_tree(base: BaseRoot, deb: Path, dest: Path, *, state_dir: str | None = None) -> Path:
@@ -300,6 +337,7 @@ def make_guest_tree(base: BaseRoot, deb: Path, dest: Path, *, state_dir: str | N
         "etc/systemd/system/abtest-reboot-param.service": (_REBOOT_PARAM_UNIT, 0o644),
         "etc/hostname": ("abtest\n", 0o644),
         "etc/systemd/system/ab-flasher-boot-check.service.d/abtest-console.conf": (_BOOT_CHECK_CONSOLE, 0o644),
+        "etc/systemd/system/ab-flasher-trial-deadline.service.d/abtest-console.conf": (_BOOT_CHECK_CONSOLE, 0o644),
     }
     if state_dir is not None:
         conf = dest / "etc/ab-flasher/ab-flasher.conf"
@@ -323,24 +361,36 @@ def make_guest_tree(base: BaseRoot, deb: Path, dest: Path, *, state_dir: str | N
 
 
 @contextlib.contextmanager
-def root_variant(tree: Path, version: str, *, fstab: str, health_checks: Mapping[str, str] | None = None
-                 ) -> Iterator[Path]:
-    """``tree`` as the root of ``version`` (``/.ab_version``, fstab, extra health checks), undone afterwards."""
-    health_dir = tree / "etc/ab-flasher/health.d"
-    added: list[Path] = []
+def root_variant(tree: Path, version: str, *, fstab: str, health_checks: Mapping[str, str] | None = None,
+                 replaced: Mapping[str, str] | None = None, config: str = "") -> Iterator[Path]:
+    """``tree`` as the root of ``version``: ``/.ab_version``, fstab, extra health checks, ``replaced`` files (path in
+    the tree: new executable content) and ``config`` lines added to ab-flasher.conf; undone afterwards."""
     (tree / ".ab_version").write_text(version + "\n")
     (tree / "etc/fstab").write_text(fstab)
-    try:
-        for name, text in (health_checks or {}).items():
-            health_dir.mkdir(parents=True, exist_ok=True)
-            path = health_dir / name
-            path.write_text(text)
-            path.chmod(0o755)
-            added.append(path)
-        yield tree
-    finally:
-        for path in added:
-            path.unlink()
+    conf = "etc/ab-flasher/ab-flasher.conf"
+    changes = {rel: (text, 0o755) for rel, text in {**(replaced or {}), **{
+        f"etc/ab-flasher/health.d/{name}": text for name, text in (health_checks or {}).items()}}.items()}
+    if config:
+        changes[conf] = ((tree / conf).read_text() + f"\n# abtest\n{config}", 0o644)
+    saved: list[tuple[Path, Path | None]] = []
+    with tempfile.TemporaryDirectory(prefix="abtest-variant-", dir=tree.parent) as stash:
+        try:
+            for number, (rel, (text, mode)) in enumerate(changes.items()):
+                path = tree / rel
+                keep = Path(stash, str(number)) if path.exists() or path.is_symlink() else None
+                if keep is not None:
+                    os.rename(path, keep)  # a symlink (/usr/sbin/init) stays a symlink
+                saved.append((path, keep))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                path.chmod(mode)
+            yield tree
+        finally:
+            for path, keep in reversed(saved):
+                if keep is None:
+                    path.unlink()
+                else:
+                    os.replace(keep, path)
 
 
 @dataclass(frozen=True)
@@ -352,14 +402,14 @@ class UpdateImage:
     version: str
 
 
-def make_update_image(tree: Path, dest: Path, version: str, *, health_checks: Mapping[str, str] | None = None
-                      ) -> str:
+def make_update_image(tree: Path, dest: Path, version: str, *, health_checks: Mapping[str, str] | None = None,
+                      replaced: Mapping[str, str] | None = None, config: str = "") -> str:
     """Write ``dest`` (gzip'd ext4 root of ``version``, built on another machine's disk id); its sha256."""
     raw = dest.with_suffix("")
     with raw.open("wb") as handle:
         handle.truncate(IMAGE_MB * MIB)
     with root_variant(tree, version, fstab=fstab_text(IMAGE_BUILD_SIGNATURE, root=2, boot=1, data=4),
-                      health_checks=health_checks):
+                      health_checks=health_checks, replaced=replaced, config=config):
         _make_ext4(raw, 0, IMAGE_MB * MIB, tree, label="rootfs", uuid="deadbeef-0000-4000-8000-000000000001")
     digest = hashlib.sha256()
     with raw.open("rb") as source, gzip.open(dest, "wb", compresslevel=1) as sink:
@@ -429,8 +479,11 @@ class GuestBoot:
     decision: pifirmware.BootDecision
     root_partition: int
     console: str
-    ended: str  # "poweroff", "reboot", "panic" or "timeout"
+    ended: str  # "poweroff", "reboot", "panic", "watchdog" (a reset nobody asked for), "power-cut" or "timeout"
     seconds: float
+    started: float = 0.0  # time.monotonic() when QEMU started
+    #: time.monotonic() at which the host first saw each ``ABTEST <key>`` on the console (polled every 0.2 s).
+    seen: Mapping[str, float] = field(default_factory=dict)
 
     def values(self, key: str) -> list[str]:
         """Every ``ABTEST <key> <value>`` the guest printed, in order."""
@@ -491,7 +544,29 @@ class QemuPi:
     def decide(self, *, tryboot: bool = False, reboot_arg: int = 0) -> pifirmware.BootDecision:
         return pifirmware.decide_boot(self.disk.path, tryboot=tryboot, reboot_arg=reboot_arg)
 
-    def boot(self) -> GuestBoot:
+    def write_data_file(self, path: str, text: str) -> None:
+        """Put a file on the data partition while the guest is off (e.g. a new update request)."""
+        data = self.disk.by_role("data")
+        source = self.workdir / "data-file"
+        source.write_text(text)
+        # A loop device over the partition: e2fsck cannot restart itself on an ``image?offset=`` name after replaying
+        # the journal. The replay must come first after a power cut, or replaying that journal at the guest's next
+        # mount could undo this write.
+        loop = run(["losetup", "--find", "--show", "--offset", str(data.offset), "--sizelimit",
+                    str(data.size_bytes), str(self.disk.path)], timeout=60).strip()
+        try:
+            fsck = subprocess.run(["e2fsck", "-fy", loop], capture_output=True, text=True, timeout=300, check=False)
+            if fsck.returncode > 1:  # 1: it fixed something, which a power cut may leave
+                raise GuestError(f"e2fsck of the data partition exited {fsck.returncode}: {fsck.stdout[-2000:]}")
+            run(["debugfs", "-w", "-R", f"rm {path}", loop], timeout=60)
+            run(["debugfs", "-w", "-R", f"write {source} {path}", loop], timeout=60)
+        finally:
+            run(["losetup", "-d", loop], timeout=60)
+            source.unlink()
+
+    def boot(self, *, power_cut_after: tuple[str, float] | None = None) -> GuestBoot:
+        """One boot. ``power_cut_after=(key, seconds)``: QEMU is killed (a power cut) that long after the guest
+        printed ``ABTEST <key>``."""
         partition_arg, tryboot = pifirmware.parse_reboot_argument(self._pending_reboot_argument())
         decision = self.decide(tryboot=tryboot, reboot_arg=partition_arg)
         root_partition = pifirmware.booted_root_partition(decision, pifirmware.read_mbr_table(self.disk.path))
@@ -515,35 +590,71 @@ class QemuPi:
             "-smp", "2", "-m", "1024", "-nodefaults", "-display", "none", "-no-reboot",
             "-serial", f"file:{console_path}", "-monitor", "none", "-nic", "none",
             "-device", "virtio-rng-pci",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", decision.cmdline,
+            # The board's hardware watchdog: its reset, with -no-reboot, ends QEMU like any reset.
+            "-device", "i6300esb", "-action", "watchdog=reset",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", self.kernel_cmdline(decision),
             "-drive", f"file={self.disk.path},format=raw,if=virtio,cache=unsafe",
         ]
         label = (f"boot {number}: partition {decision.partition} {decision.kernel} root={decision.root}"
                  f"{' (tryboot)' if tryboot else ''}")
         started = time.monotonic()
-        with self.timings.phase(label):
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
+        seen: dict[str, float] = {}
+        with self.timings.phase(label), tempfile.TemporaryFile() as qemu_log:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT)
+            ended = ""
             try:
-                qemu_output, _ = proc.communicate(timeout=self.boot_timeout)
-                ended = ""
-            except subprocess.TimeoutExpired:
-                proc.kill()  # the watchdog: a hung guest is reset, and the firmware decides again
-                qemu_output, _ = proc.communicate(timeout=60)
-                ended = "timeout"
+                while proc.poll() is None:
+                    now = time.monotonic()
+                    self._note_markers(console_path, seen, now)
+                    if power_cut_after and power_cut_after[0] in seen and \
+                            now >= seen[power_cut_after[0]] + power_cut_after[1]:
+                        proc.kill()
+                        ended = "power-cut"
+                    elif now - started > self.boot_timeout:
+                        proc.kill()  # the harness's own backstop: a hung guest is reset
+                        ended = "timeout"
+                    time.sleep(0.2)
+                proc.wait(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=60)
+            self._note_markers(console_path, seen, time.monotonic())
+            qemu_log.seek(0)
+            qemu_output = qemu_log.read().decode(errors="replace")
         console = console_path.read_text(errors="replace") if console_path.exists() else ""
         if not ended:
             if proc.returncode != 0:
-                raise GuestError(f"boot {number}: qemu exited {proc.returncode}: {qemu_output.decode()[-2000:]}")
+                raise GuestError(f"boot {number}: qemu exited {proc.returncode}: {qemu_output[-2000:]}")
             if "Kernel panic" in console:
                 ended = "panic"
             elif "reboot: Power down" in console:
                 ended = "poweroff"
-            else:
+            elif "reboot: Restarting system" in console:
                 ended = "reboot"
-        result = GuestBoot(number, decision, root_partition, console, ended, time.monotonic() - started)
+            else:
+                ended = "watchdog"  # QEMU ended without the kernel asking: the emulated watchdog reset it
+        result = GuestBoot(number, decision, root_partition, console, ended, time.monotonic() - started,
+                           started, seen)
         self.boots.append(result)
         return result
+
+    @staticmethod
+    def kernel_cmdline(decision: pifirmware.BootDecision) -> str:
+        """What the kernel gets: the firmware's command line (with ``watchdog.open_timeout`` when it armed the
+        watchdog), plus the emulation of that arming (see _FIRMWARE_WATCHDOG_HOOK)."""
+        if not decision.watchdog_armed:
+            return decision.kernel_cmdline
+        return f"{decision.kernel_cmdline} abtest.firmware_watchdog={decision.watchdog_timeout}"
+
+    @staticmethod
+    def _note_markers(console_path: Path, seen: dict[str, float], now: float) -> None:
+        try:
+            text = console_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return
+        for match in re.finditer(rf"(?:^|\s){MARKER} ([\w-]+)", text):
+            seen.setdefault(match.group(1), now)
 
     def read_root_file(self, slot: str, path: str) -> bytes:
         """A file of a slot's root file system, read from the disk image while the guest is off."""

@@ -16,6 +16,7 @@ from tests.pifirmware import (
     NoBootablePartition,
     NoBootableSystem,
     PiDevice,
+    Stranded,
     TablePartition,
     UnresolvableRoot,
     booted_root_partition,
@@ -530,3 +531,51 @@ def test_device_reboot_partition_lasts_one_boot(tmp_path: Path) -> None:
     device = PiDevice(autoboot_disk(tmp_path, CANONICAL_AUTOBOOT))
     assert device.reboot(partition=3).partition == 3
     assert device.reboot().partition == 2
+
+
+# ------------------------------------------------------------------------------------------ the watchdog (rule 6)
+
+ARMED = "dtparam=watchdog=on\nkernel_watchdog_timeout=60\n"
+
+
+def test_a_trial_armed_in_tryboot_txt_is_reset_into_the_committed_slot(tmp_path: Path) -> None:
+    disk = prefix_disk(tmp_path, tryboot="os_prefix=b/\n[all]\n" + ARMED)
+    pi = PiDevice(disk)
+    assert not pi.boot().watchdog_armed, "the committed configuration arms nothing"
+    trial = pi.reboot(tryboot=True)
+    assert (trial.os_prefix, trial.watchdog_timeout) == ("b/", 60)
+    assert trial.kernel_cmdline.endswith(" watchdog.open_timeout=60")
+    back = pi.hang()
+    assert (back.tryboot, back.os_prefix, back.watchdog_armed) == (False, "a/", False)
+
+
+def test_a_hang_without_a_watchdog_strands_the_device(tmp_path: Path) -> None:
+    pi = PiDevice(prefix_disk(tmp_path, tryboot="os_prefix=b/\n"))
+    pi.reboot(tryboot=True)
+    with pytest.raises(Stranded):
+        pi.hang()
+
+
+@pytest.mark.parametrize(("config", "timeout"), [
+    ("kernel_watchdog_timeout=60\n", 0),  # newer firmware also needs dtparam=watchdog=on: the model asks for it
+    ("dtparam=watchdog=on\n", 0),
+    ("dtparam=audio=on,watchdog\nkernel_watchdog_timeout=30\n", 30),
+    (ARMED + "dtparam=watchdog=off\n", 0),
+    ("dtparam=watchdog=on\nkernel_watchdog_timeout=0\n", 0),
+    ("dtparam=watchdog=on\nkernel_watchdog_timeout=soon\n", 0),
+    ("[pi5]\n" + ARMED, 0),  # a filter that is false on this board
+])
+def test_which_lines_arm_the_watchdog(tmp_path: Path, config: str, timeout: int) -> None:
+    disk = prefix_disk(tmp_path, config="os_prefix=a/\n" + config)
+    assert decide_boot(disk).watchdog_timeout == timeout
+
+
+def test_a_tryboot_section_arms_only_the_trial_boot(tmp_path: Path) -> None:
+    # The autoboot layout: the new slot's own config.txt, read on both kinds of boot.
+    slot_config = "arm_64bit=1\n[tryboot]\n" + ARMED + "[all]\n"
+    disk = autoboot_disk(tmp_path, CANONICAL_AUTOBOOT,
+                         boot_b={**FIRMWARE, "config.txt": slot_config, **slot_files("", 6)})
+    trial = decide_boot(disk, tryboot=True)
+    assert (trial.partition, trial.watchdog_timeout) == (3, 60)
+    committed_b = decide_boot(disk, reboot_arg=3)
+    assert (committed_b.partition, committed_b.watchdog_armed) == (3, False)
