@@ -825,13 +825,17 @@ class Updater:
         rejected = state["slots"].get(system.booted.name, {}).get("state") == "bad"
         return not rejected or self.config.reboot_on_failed_health
 
-    def reject_overdue_trial(self, why: str, *, wait: float) -> bool:
+    def reject_overdue_trial(self, why: str, *, wait: float) -> str:
+        """Record the booted trial slot as bad: "rejected"; "locked" when the state stayed locked for ``wait``;
+        "decided" when the boot-check committed (or rejected) it meanwhile."""
         try:
             with self._exclusive(wait=wait):
+                if not self.trial_undecided():
+                    return "decided"
                 self._reject(self._system(), why)
         except errors.Busy:
-            return False
-        return True
+            return "locked"
+        return "rejected"
 
     def rollback(self) -> None:
         with self._exclusive():
