@@ -20,8 +20,8 @@ from abflasher.boot.fatpaths import (
     check_read_back,
     file_parts,
     first_difference,
+    import_paths,
     join_path,
-    local_source,
     new_temp_name,
     split_path,
 )
@@ -219,8 +219,7 @@ class DirectoryVolume:
             shutil.copytree(found, dest, dirs_exist_ok=True)
 
     def import_tree(self, src: Path, dest_dir: str) -> None:
-        source = local_source(src)
-        parts = split_path(dest_dir)
+        source, parts = import_paths(src, dest_dir)
         if not parts:
             self._replace_root(source)
             return
