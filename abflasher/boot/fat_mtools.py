@@ -267,16 +267,6 @@ class MtoolsVolume:
         fatpaths.check_read_back(where, self.description, data, self._run("mtype", self._mpath(parts)))
         return len(changed)
 
-    def remove(self, path: str) -> None:
-        parts = fatpaths.file_parts(path)
-        entry = self._lookup(parts)
-        if entry is None:
-            return
-        if entry.is_dir:
-            raise errors.DeviceError(f"{fatpaths.join_path(parts)} is a folder on {self.description}: use remove_tree")
-        self._run_unless_missing("mdel", self._mpath(parts))
-        self._sync()
-
     def makedirs(self, path: str) -> None:
         parts = fatpaths.split_path(path)
         created = False
@@ -290,16 +280,6 @@ class MtoolsVolume:
                                          f"so folder {fatpaths.join_path(parts)} cannot be created")
         if created:
             self._sync()
-
-    def remove_tree(self, path: str) -> None:
-        parts = fatpaths.split_path(path)
-        if not parts:
-            raise errors.InvalidArgument(f"refusing to remove the whole of {self.description}")
-        entry = self._lookup(parts)
-        if entry is None:
-            return
-        self._run_unless_missing("mdeltree" if entry.is_dir else "mdel", self._mpath(parts))
-        self._sync()
 
     def export_tree(self, src_dir: str, dest: Path) -> None:
         parts = fatpaths.split_path(src_dir)
