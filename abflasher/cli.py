@@ -23,7 +23,7 @@ from abflasher.image.pipeline import Progress
 from abflasher.install import InstallResult, install_image
 
 if TYPE_CHECKING:
-    from abflasher.updater import SystemStatus
+    from abflasher.api import SystemStatus
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Running one health check so that it can never outlive its timeout.
+"""The health checks of a trial boot (``run_health_checks``), each run so that it can never outlive its timeout.
 
 ``subprocess.run(..., capture_output=True, timeout=...)`` is not enough for an administrator's script: it reads the
 pipes to their end, and a grandchild that inherited stdout (``some-daemon &``, a ``sleep`` in a pipeline) keeps
@@ -12,12 +12,19 @@ started outlives it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO
+
+from abflasher.commands import Runner
+from abflasher.config import Config
+
+log = logging.getLogger(__name__)
 
 #: How much of a check's stdout and stderr is kept (the tail): enough for its last message, bounded for a chatty one.
 OUTPUT_LIMIT = 64 * 1024
@@ -60,3 +67,39 @@ def run_check(argv: Sequence[str], timeout: float) -> subprocess.CompletedProces
             # still hold its background processes.
             _kill_group(proc.pid)
         return subprocess.CompletedProcess(list(argv), returncode, _tail(out), _tail(err))
+
+
+
+def run_health_checks(config: Config, *, check_runner: Runner = run_check, runner: Runner) -> tuple[bool, str]:
+    """Every executable in health.d must exit 0 in time (each run by ``check_runner``); then systemd (asked through
+    ``runner``) must say the system is running. Returns (healthy, what failed or how many passed)."""
+    failures: list[str] = []
+    health_dir = Path(config.health_dir)
+    checks = sorted(p for p in health_dir.iterdir() if p.is_file()) if health_dir.is_dir() else []
+    for check in checks:
+        if not os.access(check, os.X_OK):
+            log.info("health check %s is not executable; skipped", check)
+            continue
+        try:
+            done = check_runner([str(check)], config.health_timeout)
+        except subprocess.TimeoutExpired:
+            failures.append(f"{check.name} timed out after {config.health_timeout:g} s")
+            continue
+        except OSError as exc:
+            failures.append(f"{check.name} could not run: {exc.strerror}")
+            continue
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            failures.append(f"{check.name} exited {done.returncode}" + (f": {detail[-1]}" if detail else ""))
+    if config.health_systemd != "off" and Path("/run/systemd/system").is_dir():
+        try:
+            done = runner(["systemctl", "is-system-running", "--wait"], config.health_timeout)
+            status = done.stdout.strip()
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            status = f"unknown ({exc})"
+        allowed = {"running"} | ({"degraded"} if config.health_systemd == "degraded-ok" else set())
+        if status not in allowed:
+            failures.append(f"systemd reports the system {status}")
+    if failures:
+        return False, "; ".join(failures)
+    return True, f"{len(checks)} health checks passed"

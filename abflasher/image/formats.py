@@ -41,9 +41,14 @@ _EROFS_MAGIC_OFFSET = 1024
 _F2FS_MAGIC_OFFSET = 1024
 
 
+def is_ext_file_system(head: bytes) -> bool:
+    """Do these first bytes (at least 1082 of them) hold an ext2/3/4 superblock?"""
+    return head[_EXT_MAGIC_OFFSET : _EXT_MAGIC_OFFSET + 2] == b"\x53\xef"
+
+
 def _looks_like_raw_image(head: bytes) -> bool:
     """A partition or disk image we recognise: a file system, or a disk with a partition table."""
-    if head[_EXT_MAGIC_OFFSET : _EXT_MAGIC_OFFSET + 2] == b"\x53\xef":
+    if is_ext_file_system(head):
         return True
     if head[:4] in (b"hsqs", b"sqsh"):
         return True

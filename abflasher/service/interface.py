@@ -24,6 +24,15 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.signature import Variant
 
 from abflasher import errors
+from abflasher.api import (
+    CheckResult,
+    PreparedUpdate,
+    ProgressCallback,
+    SlotStatus,
+    SystemStatus,
+    UpdateOutcome,
+    UpdateRequest,
+)
 from abflasher.image.pipeline import Progress
 from abflasher.service.auth import Authorizer, current_caller, record_caller
 from abflasher.service.contract import (
@@ -49,15 +58,6 @@ from abflasher.service.dbus_adapter import (
     release_unused_fds,
 )
 from abflasher.service.progress import PROGRESS_INTERVAL, ProgressThrottle, progress_tuple
-from abflasher.updater import (
-    CheckResult,
-    PreparedUpdate,
-    ProgressCallback,
-    SlotStatus,
-    SystemStatus,
-    UpdateOutcome,
-    UpdateRequest,
-)
 
 log = logging.getLogger(__name__)
 

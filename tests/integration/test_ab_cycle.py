@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from abflasher import errors
+from abflasher.api import UpdateRequest
 from abflasher.config import Config
 from abflasher.deadline import enforce_trial_deadline
 from abflasher.image.pipeline import Progress
-from abflasher.updater import UpdateRequest
 from tests import pifirmware
 from tests.support.pidisk import build_root_image
 from tests.support.simpi import SimulatedPi
@@ -257,7 +257,8 @@ INTERRUPTED_WRITER = """
 import os, sys, threading
 from abflasher.config import Config
 from abflasher.deadline import enforce_trial_deadline
-from abflasher.updater import Updater, UpdateRequest
+from abflasher.api import UpdateRequest
+from abflasher.updater import Updater
 import json
 config = Config(**json.loads(sys.argv[1]))
 updater = Updater(config)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from abflasher.api import UpdateRequest
 from abflasher.image.pipeline import Progress
-from abflasher.updater import UpdateRequest
 from tests.integration.test_ab_cycle import LAYOUTS, install, root_image, tryboot_slot
 from tests.support.pidisk import IMAGE_BUILD_SIGNATURE, fstab_text
 from tests.support.simpi import SimulatedPi

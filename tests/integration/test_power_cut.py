@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from abflasher.updater import UpdateRequest
+from abflasher.api import UpdateRequest
 from tests import pifirmware
 from tests.integration.test_ab_cycle import root_image
 from tests.support.pidisk import build_root_image

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from abflasher import errors
-from abflasher.image.pipeline import Progress
-from abflasher.updater import (
+from abflasher.api import (
     BootCheckResult,
     CheckResult,
     PreparedUpdate,
@@ -29,6 +28,7 @@ from abflasher.updater import (
     UpdateOutcome,
     UpdateRequest,
 )
+from abflasher.image.pipeline import Progress
 from tests.support.bus import MIB
 
 

@@ -14,9 +14,10 @@ import sys
 import threading
 from pathlib import Path
 
+from abflasher.api import UpdateRequest
 from abflasher.config import Config
 from abflasher.image.pipeline import Progress
-from abflasher.updater import Updater, UpdateRequest
+from abflasher.updater import Updater
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -17,11 +17,11 @@ import pytest
 from dbus_next.signature import Variant
 
 from abflasher import errors
+from abflasher.api import CheckResult, PreparedUpdate, UpdateOutcome
 from abflasher.image.pipeline import Progress
 from abflasher.service.contract import ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE, ERROR_PREFIX, PROPERTIES_INTERFACE
 from abflasher.service.dbus_adapter import method_guards
 from abflasher.service.interface import METHOD_ACTIONS, READ_ONLY_METHODS, UpdaterInterface
-from abflasher.updater import CheckResult, PreparedUpdate, UpdateOutcome
 from tests.support.bus import INTERFACE, DBusDaemon
 from tests.support.fakeupdater import FakeUpdater
 from tests.support.inprocess import InProcessService, error_of, ok
