@@ -20,7 +20,8 @@ from dbus_next.constants import MessageType
 from dbus_next.message import Message
 
 from abflasher import errors
-from abflasher.ctl import EXIT_UNAVAILABLE, Output, ProgressView, ServiceUnavailable, error_from_reply, human_bytes
+from abflasher.ctl import Output, ProgressView
+from abflasher.ctl_client import EXIT_UNAVAILABLE, ServiceUnavailable, error_from_reply, human_bytes
 from abflasher.service.contract import ACTION_MANAGE_BOOT, ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE
 from tests.support.bus import MIB, REPO, DBusDaemon, stop_process
 from tests.support.polkit import DbusmockPolkit
