@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 BOOT_CHECK_LOCK_WAIT = 120.0
 
+
 class Updater:
     """Everything privileged ab-flasher does, behind one object per device (thread-safe, one job at a time)."""
 
@@ -222,24 +223,24 @@ class Updater:
             raise errors.Incompatible("this device has no recovery slot")
         raise errors.InvalidArgument(f"unknown reboot mode {mode!r}: use normal, trial or recovery")
 
-    def _on_trial(self) -> tuple[DeviceReading, State]:
+    def _on_trial(self) -> DeviceReading:
         device, state = self._read()
         decisions.require_trial(device.snapshot, state)
-        return device, state
+        return device
 
     def mark_good(self) -> None:
         with self._exclusive():
-            self._commit(*self._on_trial())
+            self._commit(self._on_trial())
 
-    def _commit(self, device: DeviceReading, state: State) -> None:
+    def _commit(self, device: DeviceReading) -> None:
         device.boot.commit(device.booted.name)
         self._change(device, lambda current: decisions.committed(current, device.snapshot))
 
     def mark_bad(self) -> None:
         with self._exclusive():
-            self._reject(*self._on_trial(), "rejected")
+            self._reject(self._on_trial(), "rejected")
 
-    def _reject(self, device: DeviceReading, state: State, why: str) -> None:
+    def _reject(self, device: DeviceReading, why: str) -> None:
         # A stray tryboot must not start the rejected slot again.
         device.boot.disarm()
         self._change(device, lambda current: decisions.rejected(current, device.snapshot, why))
@@ -258,7 +259,7 @@ class Updater:
     def reject_overdue_trial(self, why: str, *, wait: float) -> bool:
         try:
             with self._exclusive(wait=wait):
-                self._reject(*self._read(), why)
+                self._reject(read_device(self.config, self._open_fat), why)
         except errors.Busy:
             return False
         return True
@@ -303,15 +304,15 @@ class Updater:
                 return api.BootCheckResult(False, False, settled.message(snap))
             if decisions.trial_boot(snap, state) is decisions.TrialBoot.UNARMED:
                 # A tryboot nobody armed (a stray `reboot '0 tryboot'`): never commit what we did not install.
-                self._reject(device, state, "booted on trial without being armed")
+                self._reject(device, "booted on trial without being armed")
                 return self._rejected_boot(
                     snap, f"slot {snap.booted} was started on trial but no update armed it; not committed"
                 )
             healthy, detail = self.run_health_checks()
             if healthy:
-                self._commit(device, state)
+                self._commit(device)
                 return api.BootCheckResult(True, True, f"slot {snap.booted} committed: {detail}")
-            self._reject(device, state, f"health check failed: {detail}")
+            self._reject(device, f"health check failed: {detail}")
             return self._rejected_boot(snap, f"slot {snap.booted} failed its health checks ({detail}); not committed")
 
     def _rejected_boot(self, snap: decisions.Snapshot, message: str) -> api.BootCheckResult:
