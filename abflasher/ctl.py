@@ -28,6 +28,7 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from abflasher import __version__, errors
+from abflasher.image.sources import open_image_file
 from abflasher.service.contract import (
     BUS_NAME,
     ERROR_PREFIX,
@@ -462,14 +463,7 @@ def _open_image(path: str) -> tuple[int, bool]:
     """An fd for the image (the caller's own permissions apply); whether we opened it (so must close it)."""
     if path == "-":
         return sys.stdin.fileno(), False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise errors.InvalidArgument(f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise errors.InvalidArgument(f"{path}: permission denied (you must be able to read the image)") from exc
-    except OSError as exc:
-        raise errors.InvalidArgument(f"{path}: {exc.strerror}") from exc
+    fd = open_image_file(path)
     if stat.S_ISDIR(os.fstat(fd).st_mode):
         os.close(fd)
         raise errors.InvalidArgument(f"{path} is a directory; give the image file")

@@ -43,8 +43,9 @@ class TrialView(Protocol):
         """True while the booted slot is on trial and neither committed nor rejected-and-left-running; None when
         this is not an A/B device."""
 
-    def reject_overdue_trial(self, why: str, *, wait: float) -> bool:
-        """Record the booted trial slot as bad; False when the state could not be locked within ``wait``."""
+    def reject_overdue_trial(self, why: str, *, wait: float) -> str:
+        """Record the booted trial slot as bad: "rejected"; "locked" when the state stayed locked for ``wait``;
+        "decided" when it was committed (or rejected) meanwhile, under the same lock."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,14 @@ def enforce_trial_deadline(
         log.error("looking at the trial hung for %g s: treating it as not committed", LOOK_TIMEOUT)
     else:
         try:
-            if not view.reject_overdue_trial(why, wait=5.0):
-                log.error("the state is locked (the boot-check is stuck?): the old slot records the fallback")
+            outcome = view.reject_overdue_trial(why, wait=5.0)
         except errors.AbFlasherError as exc:
+            outcome = "failed"
             log.error("could not record the trial as bad (%s): the old slot records the fallback", exc)
+        if outcome == "decided":
+            return DeadlineResult(False, "the trial was decided at its deadline")
+        if outcome == "locked":
+            log.error("the state is locked (the boot-check is stuck?): the old slot records the fallback")
     log.error("the trial slot was %s: rebooting into the committed slot", why)
     for command in (reboot_command, *forced_reboots):
         try:

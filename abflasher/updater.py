@@ -246,23 +246,33 @@ class Updater:
         self._change(device, lambda current: decisions.rejected(current, device.snapshot, why))
 
     # --- the commit deadline (abflasher/deadline.py) ---
-    def trial_undecided(self) -> bool | None:
-        """Is the booted slot on trial, neither committed nor rejected-and-left-running? None: not an A/B disk."""
+    def _look_at_trial(self) -> tuple[DeviceReading, bool] | None:
+        """The device, and whether its trial is undecided (neither committed nor rejected-and-left-running); None
+        when the disk is not an A/B disk."""
         try:
             device, state = self._read()
         except errors.Incompatible:
             return None
-        return decisions.trial_undecided(
-            device.snapshot, state, reboot_on_failed_health=self.config.reboot_on_failed_health
-        )
+        reboot = self.config.reboot_on_failed_health
+        return device, decisions.trial_undecided(device.snapshot, state, reboot_on_failed_health=reboot)
 
-    def reject_overdue_trial(self, why: str, *, wait: float) -> bool:
+    def trial_undecided(self) -> bool | None:
+        """Is the booted slot on trial, neither committed nor rejected-and-left-running? None: not an A/B disk."""
+        look = self._look_at_trial()
+        return None if look is None else look[1]
+
+    def reject_overdue_trial(self, why: str, *, wait: float) -> str:
+        """Record the booted trial slot as bad: "rejected"; "locked" when the state stayed locked for ``wait``;
+        "decided" when the boot-check committed (or rejected) it meanwhile."""
         try:
             with self._exclusive(wait=wait):
-                self._reject(read_device(self.config, self._open_fat), why)
+                look = self._look_at_trial()
+                if look is None or not look[1]:
+                    return "decided"
+                self._reject(look[0], why)
         except errors.Busy:
-            return False
-        return True
+            return "locked"
+        return "rejected"
 
     def rollback(self) -> None:
         with self._exclusive():

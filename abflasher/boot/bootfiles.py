@@ -8,7 +8,6 @@ uses the file's first line ending (``\\n`` for a file without one).
 - ``autoboot.txt``: `parse_autoboot`, `render_autoboot` (docs/architecture.md, "Disk layouts").
 - ``cmdline.txt``: `cmdline_root`, `set_cmdline_root`.
 - ``/etc/fstab``: `fstab_mounts`, `set_fstab_mounts`.
-- ``/.ab_version``: `parse_ab_version`.
 
 Filters follow the firmware: a ``[section]`` line starts a conditional part, ``[all]`` ends it; ``#``
 starts a comment only at the beginning of a line; ``key=value`` with blanks around either side ignored; later values
@@ -27,7 +26,6 @@ from abflasher import errors
 AUTOBOOT_MAX_BYTES = 512
 # The firmware keeps a boot partition number in 6 bits, and 63 means "halt".
 MAX_BOOT_PARTITION = 62
-AB_VERSION_MAX_CHARS = 128
 DEFAULT_BOOT_MOUNTPOINT = "/boot/firmware"
 LEGACY_BOOT_MOUNTPOINT = "/boot"
 
@@ -459,25 +457,3 @@ def fstab_for_slot(image_fstab: str, running_fstab: str, *, root: str, boot: str
         return _set_specs(fstab, {mount_point: data})
     lines = _split_lines(fstab)
     return _join_lines(_insert_lines(lines, len(lines), [running[index][0]]))
-
-
-# --------------------------------------------------------------------------------------------------- .ab_version
-
-
-def parse_ab_version(data: bytes) -> str:
-    """The slot version in a root's ``/.ab_version``: one printable line, blanks around it stripped."""
-    try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BootFileError(f".ab_version is not UTF-8 text (undecodable byte at offset {exc.start})") from exc
-    version = text.strip()
-    if not version:
-        raise BootFileError(".ab_version is empty: the image must carry its version in /.ab_version")
-    if "\n" in version or "\r" in version:
-        raise BootFileError(".ab_version has more than one line: it must hold only the version")
-    if len(version) > AB_VERSION_MAX_CHARS:
-        raise BootFileError(f".ab_version is {len(version)} characters long, over the {AB_VERSION_MAX_CHARS} "
-                            "a version may have")
-    if not version.isprintable():
-        raise BootFileError(f".ab_version {version!r} contains control characters")
-    return version

@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -35,7 +34,7 @@ from abflasher import errors
 from abflasher.boot.fat_directory import DirectoryVolume
 from abflasher.boot.fat_mtools import MtoolsVolume
 from abflasher.boot.fatpaths import SECTOR, TEMP_NAME_RE, split_path
-from abflasher.disk.mounts import mount_points
+from abflasher.disk.mounts import mount_points, partitions_of, read_dev_number
 
 __all__ = ["TEMP_NAME_RE", "DirectoryVolume", "FatVolume", "MtoolsVolume", "open_volume", "split_path"]
 
@@ -68,16 +67,8 @@ class FatVolume(Protocol):
         """
         ...
 
-    def remove(self, path: str) -> None:
-        """Delete file ``path``; a missing file is fine, a folder is an error."""
-        ...
-
     def makedirs(self, path: str) -> None:
         """Create folder ``path`` and its parents, like ``mkdir -p``."""
-        ...
-
-    def remove_tree(self, path: str) -> None:
-        """Delete folder (or file) ``path`` with everything in it; missing is fine; the root is refused."""
         ...
 
     def export_tree(self, src_dir: str, dest: Path) -> None:
@@ -98,46 +89,6 @@ class FatVolume(Protocol):
 
 
 
-@dataclass(frozen=True)
-class _BlockRange:
-    """A block device (partition) covering bytes [start, start+size) of the device the FAT is addressed in."""
-
-    name: str
-    dev: tuple[int, int]
-    start: int
-    size: int
-
-
-def _read_dev(path: Path) -> tuple[int, int] | None:
-    try:
-        major, _, minor = path.read_text().strip().partition(":")
-        return int(major), int(minor)
-    except (OSError, ValueError):
-        return None
-
-
-def _partitions_of(sys_root: Path, dev: tuple[int, int]) -> list[_BlockRange]:
-    """The partitions of whole disk ``dev`` with their byte ranges, from sysfs (none for a partition)."""
-    ranges: list[_BlockRange] = []
-    disk = sys_root / "dev" / "block" / f"{dev[0]}:{dev[1]}"
-    try:
-        children = sorted(disk.iterdir())
-    except OSError:
-        return ranges
-    for child in children:
-        if not (child / "partition").is_file():
-            continue
-        number = _read_dev(child / "dev")
-        try:
-            start = int((child / "start").read_text()) * SECTOR
-            size = int((child / "size").read_text()) * SECTOR
-        except (OSError, ValueError):
-            continue
-        if number is not None:
-            ranges.append(_BlockRange(child.name, number, start, size))
-    return ranges
-
-
 def _loop_devices_of(sys_root: Path, image: str) -> list[tuple[str, tuple[int, int], int]]:
     """(name, device number, offset into ``image``) of each loop device whose backing file is ``image``."""
     found: list[tuple[str, tuple[int, int], int]] = []
@@ -151,7 +102,7 @@ def _loop_devices_of(sys_root: Path, image: str) -> list[tuple[str, tuple[int, i
             offset = int((loop / "loop" / "offset").read_text())
         except (OSError, ValueError):
             continue
-        number = _read_dev(loop / "dev")
+        number = read_dev_number(loop / "dev")
         try:
             same = os.path.samefile(backing, image)
         except OSError:
@@ -181,7 +132,7 @@ def _mounted_fat_in(
         mounted = _mounted_at(mounts, dev, what)
         if mounted is not None:
             return mounted
-    for part in _partitions_of(sys_root, dev):
+    for part in partitions_of(sys_root, dev):
         if not part.start <= offset < part.start + part.size:
             continue
         mounted = _mounted_at(mounts, part.dev, f"partition {part.name}")

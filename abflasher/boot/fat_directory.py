@@ -20,8 +20,8 @@ from abflasher.boot.fatpaths import (
     check_read_back,
     file_parts,
     first_difference,
+    import_paths,
     join_path,
-    local_source,
     new_temp_name,
     split_path,
 )
@@ -171,17 +171,6 @@ class DirectoryVolume:
             check_read_back(where, self.description, data, found.read_bytes())
         return len(changed)
 
-    def remove(self, path: str) -> None:
-        parts = file_parts(path)
-        found = self._resolve(parts)
-        if found is None:
-            return
-        if found.is_dir():
-            raise errors.DeviceError(f"{join_path(parts)} is a folder on {self.description}: use remove_tree")
-        with self._os_errors(f"removing {join_path(parts)}"):
-            found.unlink()
-            self._fsync_dir(found.parent)
-
     def makedirs(self, path: str) -> None:
         current = self.root
         with self._os_errors(f"creating folder {path}"):
@@ -196,20 +185,6 @@ class DirectoryVolume:
                                              f"so folder {path} cannot be created")
                 current = found
 
-    def remove_tree(self, path: str) -> None:
-        parts = split_path(path)
-        if not parts:
-            raise errors.InvalidArgument(f"refusing to remove the whole of {self.description}")
-        found = self._resolve(parts)
-        if found is None:
-            return
-        with self._os_errors(f"removing {join_path(parts)}"):
-            if found.is_dir():
-                shutil.rmtree(found)
-            else:
-                found.unlink()
-            self._fsync_dir(found.parent)
-
     def export_tree(self, src_dir: str, dest: Path) -> None:
         parts = split_path(src_dir)
         found = self._resolve(parts)
@@ -219,8 +194,7 @@ class DirectoryVolume:
             shutil.copytree(found, dest, dirs_exist_ok=True)
 
     def import_tree(self, src: Path, dest_dir: str) -> None:
-        source = local_source(src)
-        parts = split_path(dest_dir)
+        source, parts = import_paths(src, dest_dir)
         if not parts:
             self._replace_root(source)
             return

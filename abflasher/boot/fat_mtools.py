@@ -15,18 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abflasher import errors
-from abflasher.boot.fatpaths import (
-    SECTOR,
-    TEMP_NAME_RE,
-    changed_sectors,
-    check_read_back,
-    file_parts,
-    first_difference,
-    join_path,
-    local_source,
-    new_temp_name,
-    split_path,
-)
+from abflasher.boot import fatpaths
+from abflasher.boot.fatpaths import SECTOR, TEMP_NAME_RE
 
 MTOOLS_TIMEOUT = 120.0
 _NOT_FOUND_RE = re.compile(r'File ".*" not found')
@@ -184,45 +174,45 @@ class MtoolsVolume:
     def _require_entries(self, parts: Sequence[str], purpose: str) -> dict[str, _Entry]:
         entries = self._entries(parts)
         if entries is None:
-            raise errors.DeviceError(f"there is no folder {join_path(parts)} on {self.description}{purpose}")
+            raise errors.DeviceError(f"there is no folder {fatpaths.join_path(parts)} on {self.description}{purpose}")
         return entries
 
     def _prepare_parent(self, parts: Sequence[str]) -> dict[str, _Entry]:
         entries = self._entries(parts[:-1])
         if entries is None:
-            self.makedirs(join_path(parts[:-1]))
+            self.makedirs(fatpaths.join_path(parts[:-1]))
             entries = self._require_entries(parts[:-1], "")
         return entries
 
     # ----------------------------------------------------------------------------------------------- interface
 
     def read(self, path: str) -> bytes | None:
-        parts = file_parts(path)
+        parts = fatpaths.file_parts(path)
         entry = self._lookup(parts)
         if entry is None:
             return None
         if entry.is_dir:
-            raise errors.DeviceError(f"{join_path(parts)} is a folder on {self.description}, not a file")
+            raise errors.DeviceError(f"{fatpaths.join_path(parts)} is a folder on {self.description}, not a file")
         return self._run_unless_missing("mtype", self._mpath(parts))
 
     def exists(self, path: str) -> bool:
-        return self._lookup(split_path(path)) is not None
+        return self._lookup(fatpaths.split_path(path)) is not None
 
     def listdir(self, path: str = "/") -> list[str]:
-        parts = split_path(path)
+        parts = fatpaths.split_path(path)
         entries = self._require_entries(parts, "")
         return sorted((entry.name for entry in entries.values()), key=lambda name: (name.lower(), name))
 
     def write_atomic(self, path: str, data: bytes) -> None:
-        parts = file_parts(path)
-        where = join_path(parts)
+        parts = fatpaths.file_parts(path)
+        where = fatpaths.join_path(parts)
         entries = self._prepare_parent(parts)
         existing = entries.get(parts[-1].lower())
         if existing is not None and existing.is_dir:
             # mren would move the temp file *into* that folder.
             raise errors.DeviceError(f"{where} is a folder on {self.description}: refusing to replace it")
         target = [*parts[:-1], existing.name if existing else parts[-1]]
-        temp = [*parts[:-1], new_temp_name(set(entries), target[-1])]
+        temp = [*parts[:-1], fatpaths.new_temp_name(set(entries), target[-1])]
         with tempfile.TemporaryDirectory(prefix="abflasher-fat-") as staging:
             local = Path(staging) / "data"
             local.write_bytes(data)
@@ -240,15 +230,15 @@ class MtoolsVolume:
             self._discard("mdel", self._mpath(temp))
             raise
         self._sync()
-        check_read_back(where, self.description, data, self._run("mtype", self._mpath(target)))
+        fatpaths.check_read_back(where, self.description, data, self._run("mtype", self._mpath(target)))
 
     def write_in_place(self, path: str, data: bytes) -> int:
-        parts = file_parts(path)
-        where = join_path(parts)
+        parts = fatpaths.file_parts(path)
+        where = fatpaths.join_path(parts)
         entry = self._lookup(parts)
         if entry is None or entry.is_dir:
             raise errors.DeviceError(f"there is no file {where} on {self.description} to rewrite in place")
-        changed = changed_sectors(where, self.description, self._run("mtype", self._mpath(parts)), data)
+        changed = fatpaths.changed_sectors(where, self.description, self._run("mtype", self._mpath(parts)), data)
         if not changed:
             return 0
         # mtools has no in-place write: it finds the clusters (mshowfat) and the data area (the boot sector), and
@@ -274,21 +264,11 @@ class MtoolsVolume:
             raise errors.DeviceError(f"rewriting {where} on {self.description} failed: {exc.strerror}") from exc
         finally:
             os.close(fd)
-        check_read_back(where, self.description, data, self._run("mtype", self._mpath(parts)))
+        fatpaths.check_read_back(where, self.description, data, self._run("mtype", self._mpath(parts)))
         return len(changed)
 
-    def remove(self, path: str) -> None:
-        parts = file_parts(path)
-        entry = self._lookup(parts)
-        if entry is None:
-            return
-        if entry.is_dir:
-            raise errors.DeviceError(f"{join_path(parts)} is a folder on {self.description}: use remove_tree")
-        self._run_unless_missing("mdel", self._mpath(parts))
-        self._sync()
-
     def makedirs(self, path: str) -> None:
-        parts = split_path(path)
+        parts = fatpaths.split_path(path)
         created = False
         for depth in range(1, len(parts) + 1):
             entry = self._lookup(parts[:depth])
@@ -296,23 +276,13 @@ class MtoolsVolume:
                 self._run("mmd", self._mpath(parts[:depth]))
                 created = True
             elif not entry.is_dir:
-                raise errors.DeviceError(f"{join_path(parts[:depth])} is a file on {self.description}, "
-                                         f"so folder {join_path(parts)} cannot be created")
+                raise errors.DeviceError(f"{fatpaths.join_path(parts[:depth])} is a file on {self.description}, "
+                                         f"so folder {fatpaths.join_path(parts)} cannot be created")
         if created:
             self._sync()
 
-    def remove_tree(self, path: str) -> None:
-        parts = split_path(path)
-        if not parts:
-            raise errors.InvalidArgument(f"refusing to remove the whole of {self.description}")
-        entry = self._lookup(parts)
-        if entry is None:
-            return
-        self._run_unless_missing("mdeltree" if entry.is_dir else "mdel", self._mpath(parts))
-        self._sync()
-
     def export_tree(self, src_dir: str, dest: Path) -> None:
-        parts = split_path(src_dir)
+        parts = fatpaths.split_path(src_dir)
         entries = self._require_entries(parts, " to copy")
         try:
             Path(dest).mkdir(parents=True, exist_ok=True)
@@ -323,15 +293,14 @@ class MtoolsVolume:
             self._run("mcopy", "-s", "-n", "-m", "-Q", *sources, str(dest) + "/")
 
     def import_tree(self, src: Path, dest_dir: str) -> None:
-        source = local_source(src)
-        parts = split_path(dest_dir)
+        source, parts = fatpaths.import_paths(src, dest_dir)
         if not parts:
             self._replace_root(source)
             return
         entries = self._prepare_parent(parts)
         existing = entries.get(parts[-1].lower())
         target = [*parts[:-1], existing.name if existing else parts[-1]]
-        temp = [*parts[:-1], new_temp_name(set(entries), target[-1])]
+        temp = [*parts[:-1], fatpaths.new_temp_name(set(entries), target[-1])]
         try:
             self._run("mmd", self._mpath(temp))
             self._copy_in(source, temp)
@@ -353,8 +322,8 @@ class MtoolsVolume:
         self._sync()
         with tempfile.TemporaryDirectory(prefix="abflasher-fat-") as staging:
             readback = Path(staging) / "tree"
-            self.export_tree(join_path(folder), readback)
-            difference = first_difference(source, readback)
+            self.export_tree(fatpaths.join_path(folder), readback)
+            difference = fatpaths.first_difference(source, readback)
         if difference is not None:
             raise errors.DeviceError(f"the copy of {source} on {self.description} reads back different "
                                      f"({difference}): the medium may be failing")

@@ -94,11 +94,12 @@ def first_difference(expected: Path, actual: Path) -> str | None:
     return None
 
 
-def local_source(src: Path) -> Path:
-    src = Path(src)
-    if not src.is_dir():
-        raise errors.InvalidArgument(f"{src} is not a directory: import_tree copies a local directory")
-    return src
+def import_paths(src: Path, dest_dir: str) -> tuple[Path, list[str]]:
+    """import_tree's local source folder (checked) and the names along its destination (``[]``: the volume root)."""
+    source = Path(src)
+    if not source.is_dir():
+        raise errors.InvalidArgument(f"{source} is not a directory: import_tree copies a local directory")
+    return source, split_path(dest_dir)
 
 
 def changed_sectors(where: str, description: str, old: bytes, new: bytes) -> list[int]:

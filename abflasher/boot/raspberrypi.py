@@ -154,7 +154,9 @@ class PrefixBoot(_PiBoot):
                                                                                self.trial_settings))
 
     def disarm(self) -> None:
-        self.set_trial(self.primary())
+        # Already pointing at the primary: nothing to write (the trial settings are refreshed when arming).
+        if self.trial_slot() != self.primary():
+            self.set_trial(self.primary())
 
     def commit(self, slot: str) -> None:
         # config.txt first: in between, a trial boot starts the old primary, a good slot.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abflasher import errors
-from abflasher.disk.mounts import mount_points
+from abflasher.disk.mounts import mount_points, partitions_of
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -76,16 +76,11 @@ def check_not_in_use(path: str, rdev: int, *, mountinfo: str, swaps: str, sys_ro
     if holders.is_dir() and any(holders.iterdir()):
         names = ", ".join(sorted(p.name for p in holders.iterdir()))
         raise errors.DeviceError(f"{path} is in use by {names}: refusing to write to it")
-    if sys_dev.is_dir():
-        for child in sys_dev.iterdir():
-            dev_file = child / "dev"
-            if (child / "partition").is_file() and dev_file.is_file():
-                cmaj, _, cmin = dev_file.read_text().strip().partition(":")
-                key = (int(cmaj), int(cmin))
-                if key in mounted:
-                    raise errors.DeviceError(
-                        f"{path} holds partition {child.name}, mounted on {mounted[key]}: refusing to write to it"
-                    )
+    for partition in partitions_of(Path(sys_root), (major, minor)):
+        if partition.dev in mounted:
+            raise errors.DeviceError(
+                f"{path} holds partition {partition.name}, mounted on {mounted[partition.dev]}: refusing to write to it"
+            )
 
 
 def open_target(

@@ -109,14 +109,22 @@ class FdSource:
         self._fd = -1
 
 
+def open_image_file(path: str | os.PathLike[str]) -> int:
+    """A read-only fd on image file ``path`` (with the caller's own permissions); InvalidArgument saying why not."""
+    where = os.fspath(path)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise errors.InvalidArgument(f"image file {where} does not exist") from exc
+    except PermissionError as exc:
+        raise errors.InvalidArgument(f"image file {where}: permission denied (you must be able to read it)") from exc
+    except OSError as exc:
+        raise errors.InvalidArgument(f"cannot open image {where}: {exc.strerror}") from exc
+
+
 class FileSource(FdSource):
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise errors.InvalidArgument(f"image file {os.fspath(path)} does not exist") from exc
-        except OSError as exc:
-            raise errors.InvalidArgument(f"cannot open image {os.fspath(path)}: {exc.strerror}") from exc
+        fd = open_image_file(path)
         try:
             super().__init__(fd, os.fspath(path))
         except BaseException:

@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -183,6 +184,16 @@ def dbus_readonly_property(name: str, signature: str) -> Callable[[Callable[[Any
         return dbus_property(access=PropertyAccess.READ, name=name)(fn)
 
     return decorate
+
+
+def dbus_cached_property(name: str, signature: str, convert: Callable[[Any], Any]) -> Any:
+    """A read-only D-Bus property ``name`` answered from the service object's ``_properties[name]``; assign it to the
+    class attribute ``_<name in snake case>_property`` (dbus-next looks the getter up by its function's name)."""
+    def getter(self: Any) -> Any:
+        return convert(self._properties[name])
+
+    getter.__name__ = getter.__qualname__ = "_" + re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower() + "_property"
+    return dbus_readonly_property(name, signature)(getter)
 
 
 def interactive_option(options: object) -> bool:

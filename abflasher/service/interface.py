@@ -50,8 +50,8 @@ from abflasher.service.contract import (
 from abflasher.service.dbus_adapter import (
     INTERNAL_ERROR_MESSAGE,
     GuardedInterface,
+    dbus_cached_property,
     dbus_method,
-    dbus_readonly_property,
     dbus_signal,
     method_guards,
     refuse_property_errors,
@@ -562,33 +562,13 @@ class UpdaterInterface(GuardedInterface):
 
     # --- properties -----------------------------------------------------------------------------------------------
 
-    @dbus_readonly_property("State", "s")
-    def _state_property(self) -> str:
-        return str(self._properties["State"])
-
-    @dbus_readonly_property("Progress", "(sutt)")
-    def _progress_property(self) -> list[Any]:
-        return list(self._properties["Progress"])
-
-    @dbus_readonly_property("LastError", "s")
-    def _last_error_property(self) -> str:
-        return str(self._properties["LastError"])
-
-    @dbus_readonly_property("BootedSlot", "s")
-    def _booted_slot_property(self) -> str:
-        return str(self._properties["BootedSlot"])
-
-    @dbus_readonly_property("PrimarySlot", "s")
-    def _primary_slot_property(self) -> str:
-        return str(self._properties["PrimarySlot"])
-
-    @dbus_readonly_property("BootedVersion", "s")
-    def _booted_version_property(self) -> str:
-        return str(self._properties["BootedVersion"])
-
-    @dbus_readonly_property("TrialActive", "b")
-    def _trial_active_property(self) -> bool:
-        return bool(self._properties["TrialActive"])
+    _state_property = dbus_cached_property("State", "s", str)
+    _progress_property = dbus_cached_property("Progress", "(sutt)", list)
+    _last_error_property = dbus_cached_property("LastError", "s", str)
+    _booted_slot_property = dbus_cached_property("BootedSlot", "s", str)
+    _primary_slot_property = dbus_cached_property("PrimarySlot", "s", str)
+    _booted_version_property = dbus_cached_property("BootedVersion", "s", str)
+    _trial_active_property = dbus_cached_property("TrialActive", "b", bool)
 
 
 #: Every method of org.abflasher.Updater1 and the polkit action it needs (Update with a ``url`` option needs

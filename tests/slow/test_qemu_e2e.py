@@ -34,8 +34,6 @@ from tests.slow.guest import (
     HANGING_INIT,
     SHARED_STATE_DIR,
     BaseRoot,
-    GuestBoot,
-    QemuPi,
     Timings,
     UpdateImage,
     build_deb,
@@ -44,6 +42,7 @@ from tests.slow.guest import (
     make_guest_tree,
     make_update_image,
 )
+from tests.slow.qemu import GuestBoot, QemuPi
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 

@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from abflasher import errors
-from abflasher.boot import bootfiles
 from abflasher.boot.bootfiles import (
     AutobootConfig,
     BootFileError,
@@ -18,7 +17,6 @@ from abflasher.boot.bootfiles import (
     conditional_os_prefixes,
     config_os_prefix,
     fstab_mounts,
-    parse_ab_version,
     parse_autoboot,
     render_autoboot,
     set_cmdline_root,
@@ -468,33 +466,3 @@ def test_set_fstab_mounts_leaves_comments_and_escaped_mount_points_alone() -> No
 def test_set_fstab_mounts_refuses_bad_values(kwargs: dict[str, str | None], message: str) -> None:
     with pytest.raises(BootFileError, match=message):
         set_fstab_mounts("R / ext4 defaults 0 1\n", **kwargs)  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------------------------------- .ab_version
-
-
-@pytest.mark.parametrize(
-    ("data", "expected"),
-    [(b"1.4.0\n", "1.4.0"), (b"  2.0~rc1 \r\n", "2.0~rc1"), (b"1.0.0", "1.0.0"), (b"1:2.3-4+pi1\n\n", "1:2.3-4+pi1"),
-     ("1.0-é\n".encode(), "1.0-é")],
-)
-def test_parse_ab_version(data: bytes, expected: str) -> None:
-    assert parse_ab_version(data) == expected
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (b"", "empty"),
-        (b" \n\t\n", "empty"),
-        (b"1.0\n2.0\n", "more than one line"),
-        (b"1.0\r2.0", "more than one line"),
-        (b"\xff1.0", "not UTF-8"),
-        (b"1.0\x00", "control characters"),
-        (b"1.0\x1b[31m", "control characters"),
-        (b"9" * (bootfiles.AB_VERSION_MAX_CHARS + 1), "characters long"),
-    ],
-)
-def test_parse_ab_version_refuses(data: bytes, message: str) -> None:
-    with pytest.raises(BootFileError, match=message):
-        parse_ab_version(data)

@@ -16,6 +16,7 @@ from abflasher.deadline import FORCED_REBOOTS, REBOOT_GRACE, enforce_trial_deadl
 class FakeTrial:
     undecided: list[bool | None]  # answers to trial_undecided, in order (the last one repeats)
     lock_free: bool = True
+    decided_under_lock: bool = False  # the boot-check committed between the look and the lock
     rejected: list[str] = field(default_factory=list)
     hang_on_second_look: bool = False
     looks: int = 0
@@ -26,10 +27,12 @@ class FakeTrial:
             threading.Event().wait(3600)
         return self.undecided[min(self.looks, len(self.undecided)) - 1]
 
-    def reject_overdue_trial(self, why: str, *, wait: float) -> bool:
+    def reject_overdue_trial(self, why: str, *, wait: float) -> str:
+        if self.decided_under_lock:
+            return "decided"
         if self.lock_free:
             self.rejected.append(why)
-        return self.lock_free
+        return "rejected" if self.lock_free else "locked"
 
 
 @dataclass
@@ -107,6 +110,12 @@ def test_a_locked_state_does_not_stop_the_reboot() -> None:
     assert _enforce(trial, time, reboots).acted
     assert trial.rejected == []
     assert reboots.commands[0] == REBOOT
+
+
+def test_a_trial_committed_while_the_deadline_takes_the_lock_is_not_rebooted() -> None:
+    time, reboots, trial = FakeTime(), Reboots(), FakeTrial([True], decided_under_lock=True)
+    assert not _enforce(trial, time, reboots).acted
+    assert reboots.commands == []
 
 
 @pytest.mark.timeout(120)

@@ -156,18 +156,12 @@ def test_writing_over_a_folder_is_refused(case: VolumeCase) -> None:
         case.volume.write_atomic("a", b"x")
     with pytest.raises(errors.DeviceError, match="is a folder"):
         case.volume.read("/a")
-    with pytest.raises(errors.DeviceError, match="use remove_tree"):
-        case.volume.remove("a")
     assert case.volume.listdir("a") == ["overlays"]
     case.check()
 
 
-def test_remove_and_makedirs(case: VolumeCase) -> None:
+def test_makedirs(case: VolumeCase) -> None:
     volume = case.volume
-    volume.remove("missing.txt")
-    volume.write_atomic("tryboot.txt", b"x")
-    volume.remove("TRYBOOT.TXT")
-    assert not volume.exists("tryboot.txt")
     volume.makedirs("a/b/c")
     volume.makedirs("/a/b/c/")
     assert volume.listdir("a/b") == ["c"]
@@ -176,20 +170,6 @@ def test_remove_and_makedirs(case: VolumeCase) -> None:
         volume.makedirs("file/sub")
     with pytest.raises(errors.DeviceError, match="no folder"):
         volume.listdir("nothere")
-    case.check()
-
-
-def test_remove_tree(case: VolumeCase) -> None:
-    volume = case.volume
-    volume.write_atomic("b/overlays/x.dtbo", b"x")
-    volume.write_atomic("b/cmdline.txt", b"x")
-    volume.write_atomic("keep.txt", b"k")
-    volume.remove_tree("B")
-    volume.remove_tree("b")
-    volume.remove_tree("keep.txt")
-    assert volume.listdir() == []
-    with pytest.raises(errors.InvalidArgument, match="whole"):
-        volume.remove_tree("/")
     case.check()
 
 

@@ -143,7 +143,7 @@ def test_update_from_a_file_and_from_standard_input(bus: DBusDaemon, service: Se
         (["mark-good"], 13, "not a trial boot"),
         (["cancel"], 2, "nothing to cancel: no update is running"),
         (["update"], 2, "give the version to install"),
-        (["update", "--file", "/nonexistent/image"], 2, "/nonexistent/image: no such file"),
+        (["update", "--file", "/nonexistent/image"], 2, "image file /nonexistent/image does not exist"),
         (["update", "--file", "/"], 2, "is a directory"),
     ],
 )

@@ -152,7 +152,8 @@ def test_mtools_in_place_writes_only_the_changed_sectors_of_a_fragmented_file(tm
     volume.write_atomic("/spacer.bin", b"s" * 3000)
     old = os.urandom(9000)
     volume.write_atomic("/x/data.bin", old)
-    volume.remove("/spacer.bin")
+    subprocess.run(["mdel", "-i", str(image), "::/spacer.bin"], check=True, capture_output=True, timeout=60,
+                   env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
     volume.write_atomic("/later.bin", b"l" * 5000)
     before = image.read_bytes()
     new = bytearray(old)
