@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 BOOT_CHECK_LOCK_WAIT = 120.0
 
+
 class Updater:
     """Everything privileged ab-flasher does, behind one object per device (thread-safe, one job at a time)."""
 
@@ -222,47 +223,53 @@ class Updater:
             raise errors.Incompatible("this device has no recovery slot")
         raise errors.InvalidArgument(f"unknown reboot mode {mode!r}: use normal, trial or recovery")
 
-    def _on_trial(self) -> tuple[DeviceReading, State]:
+    def _on_trial(self) -> DeviceReading:
         device, state = self._read()
         decisions.require_trial(device.snapshot, state)
-        return device, state
+        return device
 
     def mark_good(self) -> None:
         with self._exclusive():
-            self._commit(*self._on_trial())
+            self._commit(self._on_trial())
 
-    def _commit(self, device: DeviceReading, state: State) -> None:
+    def _commit(self, device: DeviceReading) -> None:
         device.boot.commit(device.booted.name)
         self._change(device, lambda current: decisions.committed(current, device.snapshot))
 
     def mark_bad(self) -> None:
         with self._exclusive():
-            self._reject(*self._on_trial(), "rejected")
+            self._reject(self._on_trial(), "rejected")
 
-    def _reject(self, device: DeviceReading, state: State, why: str) -> None:
+    def _reject(self, device: DeviceReading, why: str) -> None:
         # A stray tryboot must not start the rejected slot again.
         device.boot.disarm()
         self._change(device, lambda current: decisions.rejected(current, device.snapshot, why))
 
     # --- the commit deadline (abflasher/deadline.py) ---
-    def trial_undecided(self) -> bool | None:
-        """Is the booted slot on trial, neither committed nor rejected-and-left-running? None: not an A/B disk."""
+    def _look_at_trial(self) -> tuple[DeviceReading, bool] | None:
+        """The device, and whether its trial is undecided (neither committed nor rejected-and-left-running); None
+        when the disk is not an A/B disk."""
         try:
             device, state = self._read()
         except errors.Incompatible:
             return None
-        return decisions.trial_undecided(
-            device.snapshot, state, reboot_on_failed_health=self.config.reboot_on_failed_health
-        )
+        reboot = self.config.reboot_on_failed_health
+        return device, decisions.trial_undecided(device.snapshot, state, reboot_on_failed_health=reboot)
+
+    def trial_undecided(self) -> bool | None:
+        """Is the booted slot on trial, neither committed nor rejected-and-left-running? None: not an A/B disk."""
+        look = self._look_at_trial()
+        return None if look is None else look[1]
 
     def reject_overdue_trial(self, why: str, *, wait: float) -> str:
         """Record the booted trial slot as bad: "rejected"; "locked" when the state stayed locked for ``wait``;
         "decided" when the boot-check committed (or rejected) it meanwhile."""
         try:
             with self._exclusive(wait=wait):
-                if not self.trial_undecided():
+                look = self._look_at_trial()
+                if look is None or not look[1]:
                     return "decided"
-                self._reject(*self._read(), why)
+                self._reject(look[0], why)
         except errors.Busy:
             return "locked"
         return "rejected"
@@ -307,15 +314,15 @@ class Updater:
                 return api.BootCheckResult(False, False, settled.message(snap))
             if decisions.trial_boot(snap, state) is decisions.TrialBoot.UNARMED:
                 # A tryboot nobody armed (a stray `reboot '0 tryboot'`): never commit what we did not install.
-                self._reject(device, state, "booted on trial without being armed")
+                self._reject(device, "booted on trial without being armed")
                 return self._rejected_boot(
                     snap, f"slot {snap.booted} was started on trial but no update armed it; not committed"
                 )
             healthy, detail = self.run_health_checks()
             if healthy:
-                self._commit(device, state)
+                self._commit(device)
                 return api.BootCheckResult(True, True, f"slot {snap.booted} committed: {detail}")
-            self._reject(device, state, f"health check failed: {detail}")
+            self._reject(device, f"health check failed: {detail}")
             return self._rejected_boot(snap, f"slot {snap.booted} failed its health checks ({detail}); not committed")
 
     def _rejected_boot(self, snap: decisions.Snapshot, message: str) -> api.BootCheckResult:
