@@ -246,7 +246,16 @@ if [ -f /data/abtest/request ]; then
     sync
     say "update-start $image"
     abflasherctl update --file "$image" --sha256 "$sha256" --reboot --no-ask-password 2>&1 \
-        | tr '\r' '\n' | tail -n 5 | sed 's/^/ABTEST update-log /'
+        | tr '\r' '\n' | tail -n 5 | sed 's/^/ABTEST update-log /' &
+    # Tell the host when the image is being written, so a power cut can be aimed at the write itself.
+    while kill -0 $! 2>/dev/null; do
+        case "$(busctl get-property org.abflasher.Updater /org/abflasher/Updater org.abflasher.Updater1 State \
+                2>/dev/null)" in
+            *'"writing"'*) say "update-writing"; break ;;
+        esac
+        sleep 0.2
+    done
+    wait
     # On success the service is rebooting the guest into the trial, which ends this script: until then, wait.
     sleep 300
     say "update-did-not-reboot"
