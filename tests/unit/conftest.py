@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -20,3 +21,17 @@ def bus_and_polkit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[D
             yield bus, polkit
         finally:
             polkit.close()
+
+
+@pytest.fixture
+def address(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> str:
+    return bus_and_polkit[0].address
+
+
+@pytest.fixture
+def polkit(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> Iterator[DbusmockPolkit]:
+    """The mock polkitd, denying every action before and after the test."""
+    polkit = bus_and_polkit[1]
+    asyncio.run(asyncio.wait_for(polkit.set_allowed([]), 45.0))
+    yield polkit
+    asyncio.run(asyncio.wait_for(polkit.set_allowed([]), 45.0))

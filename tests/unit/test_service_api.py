@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from abflasher.service.contract import (
 from abflasher.service.dbus_adapter import INTERNAL_ERROR_MESSAGE, method_names
 from abflasher.service.interface import METHOD_ACTIONS, READ_ONLY_METHODS, UpdaterInterface
 from abflasher.service.progress import ProgressThrottle, progress_tuple
-from tests.support.bus import INTERFACE, MIB, REPO, DBusDaemon
+from tests.support.bus import INTERFACE, MIB, REPO
 from tests.support.fakeupdater import FakeUpdater
 from tests.support.inprocess import InProcessService, error_of, ok, open_fd_count
 from tests.support.polkit import DbusmockPolkit
@@ -44,19 +44,6 @@ ALL_ACTIONS = [ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE, ACTION_DOWNGRADE, ACTIO
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 45.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-@pytest.fixture
-def address(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> str:
-    return bus_and_polkit[0].address
-
-
-@pytest.fixture
-def polkit(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> Iterator[DbusmockPolkit]:
-    polkit = bus_and_polkit[1]
-    run(polkit.set_allowed([]))
-    yield polkit
-    run(polkit.set_allowed([]))
 
 
 def allow(polkit: DbusmockPolkit, *actions: str) -> None:

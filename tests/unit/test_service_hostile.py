@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from abflasher.image.pipeline import Progress
 from abflasher.service.contract import ACTION_UPDATE, ACTION_UPDATE_FROM_SOURCE, ERROR_PREFIX, PROPERTIES_INTERFACE
 from abflasher.service.dbus_adapter import method_guards
 from abflasher.service.interface import METHOD_ACTIONS, READ_ONLY_METHODS, UpdaterInterface
-from tests.support.bus import INTERFACE, DBusDaemon
+from tests.support.bus import INTERFACE
 from tests.support.fakeupdater import FakeUpdater
 from tests.support.inprocess import InProcessService, error_of, ok
 from tests.support.polkit import DbusmockPolkit
@@ -35,19 +35,6 @@ PROPERTIES = PROPERTIES_INTERFACE
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 45.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-@pytest.fixture
-def address(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> str:
-    return bus_and_polkit[0].address
-
-
-@pytest.fixture
-def polkit(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> Iterator[DbusmockPolkit]:
-    polkit = bus_and_polkit[1]
-    run(polkit.set_allowed([]))
-    yield polkit
-    run(polkit.set_allowed([]))
 
 
 def test_every_method_declares_its_guard_and_the_tables_are_derived_from_them() -> None:
