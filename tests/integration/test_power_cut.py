@@ -54,27 +54,6 @@ MIB = 1 << 20
 BootKey = tuple[int, str, str, str, str]  # partition, os_prefix, kernel, cmdline file, cmdline
 
 
-class WorkingDisk(pifirmware.ImageDisk):
-    """The disk's partition table, with its FAT partitions read from separate images (a crash state)."""
-
-    def __init__(self, disk_image: Path, fat_images: dict[int, Path]) -> None:
-        super().__init__(disk_image)
-        self.fat_images = fat_images
-
-    def is_fat(self, number: int) -> bool:
-        image = self.fat_images.get(number)
-        if image is None:
-            return False
-        with image.open("rb") as handle:
-            boot = handle.read(512)
-        return boot[510:512] == b"\x55\xaa"
-
-    def _mtools(self, number: int, args: list[str]) -> subprocess.CompletedProcess[bytes]:  # type: ignore[override]
-        env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "MTOOLSRC": os.devnull}
-        return subprocess.run([args[0], "-i", str(self.fat_images[number]), *args[1:]], capture_output=True,
-                              env=env, timeout=60, check=False)
-
-
 @dataclass
 class Verdict:
     slot: str | None
@@ -124,7 +103,8 @@ class PowerCutProof:
         return images
 
     def boots(self, images: dict[str, Path]) -> dict[bool, Verdict]:
-        disk = WorkingDisk(self.pi.image.path, {int(name[1:]): path for name, path in images.items()})
+        fat_images = {int(name[1:]): path for name, path in images.items()}
+        disk = pifirmware.PartitionImagesDisk(self.pi.image.path, fat_images)
         return {flag: boot_verdict(self.pi, disk, tryboot=flag) for flag in (False, True)}
 
     def step(self, name: str, action: Callable[[], object], *, committed: tuple[str, str],

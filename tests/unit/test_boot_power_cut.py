@@ -71,23 +71,7 @@ def partition_bytes(disk: Path) -> bytes:
         return handle.read(P1_SECTORS * SECTOR)
 
 
-class PartitionDisk(pifirmware.ImageDisk):
-    """The disk's table, with partition 1 read from a separate image of that partition (a crash state)."""
-
-    def __init__(self, disk: Path, partition_image: Path) -> None:
-        super().__init__(disk)
-        self.partition_image = partition_image
-
-    def _mtools(self, number: int, args: list[str]) -> subprocess.CompletedProcess[bytes]:  # type: ignore[override]
-        assert number == 1
-        return subprocess.run([args[0], "-i", str(self.partition_image), *args[1:]], capture_output=True,
-                              timeout=60, check=False, env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"})
-
-    def is_fat(self, number: int) -> bool:
-        return number == 1
-
-
-def slot_booted(disk: PartitionDisk, *, tryboot: bool) -> str | None:
+def slot_booted(disk: pifirmware.PartitionImagesDisk, *, tryboot: bool) -> str | None:
     """The slot the firmware boots from this state, or None when it boots nothing or a broken slot."""
     try:
         decision = pifirmware.decide_boot(disk, tryboot=tryboot)
@@ -128,7 +112,7 @@ def test_a_cut_inside_a_boot_file_edit_leaves_a_bootable_committed_slot(tmp_path
 
     working = tmp_path / "working.img"
     working.write_bytes(pre.read_bytes())
-    state_disk = PartitionDisk(disk, working)
+    state_disk = pifirmware.PartitionImagesDisk(disk, {1: working})
     committed_after = "b" if operation == "commit" else "a"
     tried = 0
     for state in crash_states({"p1": working}, writes):
