@@ -147,23 +147,27 @@ class PrefixBoot(_PiBoot):
         if changed != text:
             self.firmware.write_in_place(name, changed.encode())
 
-    def set_trial(self, slot: str) -> None:
-        self._config()
+    def _point_tryboot_at(self, slot: str) -> None:
         text = self._tryboot()
         self._write_if_changed(TRYBOOT_TXT, text, slotswitch.retarget_tryboot(text, self._prefix(slot),
                                                                                self.trial_settings))
 
+    def set_trial(self, slot: str) -> None:
+        self._config()  # refuses a config.txt whose conditional os_prefix would override the switch
+        self._point_tryboot_at(slot)
+
     def disarm(self) -> None:
         # Already pointing at the primary: nothing to write (the trial settings are refreshed when arming).
-        if self.trial_slot() != self.primary():
-            self.set_trial(self.primary())
+        primary = self.primary()
+        if self.trial_slot() != primary:
+            self._point_tryboot_at(primary)
 
     def commit(self, slot: str) -> None:
         # config.txt first: in between, a trial boot starts the old primary, a good slot.
         config = self._config()
         self._write_if_changed(CONFIG_TXT, config, slotswitch.set_os_prefix_in_place(config, self._prefix(slot),
                                                                                       CONFIG_TXT))
-        self.set_trial(slot)
+        self._point_tryboot_at(slot)
 
     def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
         folder = self._prefix(target.name)
