@@ -488,8 +488,14 @@ def stream_image(
     Cancelled, DeviceError, Network; on any of them the first buffer of ``dest`` reads as zeros or was never written.
     """
     head = read_head(source)
-    detected = detect_format(head)  # also when a format is forced: an empty or unrecognisable head is refused
-    fmt = image_format or detected
+    if image_format is None:
+        fmt = detect_format(head)
+    elif not head:
+        raise errors.BadImage("the image is empty")
+    else:
+        # A forced format is what the user says the bytes are: raw writes them as they are, and a compressed
+        # format's decoder refuses what is not that format.
+        fmt = image_format
     inflater: str | None = None
     # The gzip CRC-32 runs on the hashing thread, off the inflating one (see GzipMemberCheck).
     gzip_check: GzipMemberCheck | None = None

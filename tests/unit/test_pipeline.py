@@ -16,7 +16,7 @@ import pytest
 from abflasher import errors
 from abflasher.disk.blockdev import ReadbackVerifier, open_target
 from abflasher.image.destinations import FileObjectWriter, TargetWriter
-from abflasher.image.formats import available_gzip_implementations
+from abflasher.image.formats import ImageFormat, available_gzip_implementations
 from abflasher.image.pipeline import BUFFER_SIZE, Progress, stream_image
 from abflasher.image.sources import FdSource, FileSource
 from abflasher.install import install_image
@@ -441,3 +441,26 @@ def test_a_local_install_does_not_import_the_http_stack(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert "requests was imported" not in done.stderr
     assert done.returncode == errors.ChecksumMismatch.exit_code, done.stderr
+
+
+def test_forced_raw_writes_bytes_with_no_file_system_signature(tmp_path: Path) -> None:
+    # `--format raw` is documented as "writes any bytes as they are": detection must not refuse them first.
+    data = b"not a file system, just bytes\n" * 50_000
+    out = io.BytesIO()
+    result = stream_image(BytesSource(data), FileObjectWriter(out), image_format=ImageFormat.RAW)
+    assert out.getvalue() == data
+    assert result.image_format is ImageFormat.RAW
+    source = tmp_path / "blob.bin"
+    source.write_bytes(data)
+    target = tmp_path / "out.img"
+    from abflasher import cli
+
+    assert cli.main(["write", str(source), str(target), "--format", "raw", "--create", "-q"]) == 0
+    assert target.read_bytes() == data
+
+
+def test_forced_raw_still_refuses_an_empty_image() -> None:
+    out = _prefilled(MIB)
+    with pytest.raises(errors.BadImage, match="empty"):
+        stream_image(BytesSource(b""), FileObjectWriter(out), image_format=ImageFormat.RAW)
+    assert out.getvalue() == b"\xaa" * MIB
