@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from abflasher import __version__, errors
 from abflasher.config import DEFAULT_PATH, load_config
-from abflasher.image.formats import ImageFormat
+from abflasher.image.formats import GZIP_INFLATERS, ImageFormat
 from abflasher.image.pipeline import Progress
 from abflasher.install import InstallResult, install_image
 
@@ -54,9 +54,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     write.add_argument(
         "--inflater",
-        choices=["auto", "isal", "zlib-ng", "zlib"],
+        choices=list(GZIP_INFLATERS),
         default="auto",
-        help="gzip implementation (auto: the fastest installed)",
+        help="gzip implementation (auto: igzip when installed, else the fastest Python module)",
     )
     write.add_argument("--create", action="store_true", help="create TARGET as a regular file if it does not exist")
     write.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -71,7 +71,7 @@ class Config:
     trial_watchdog_timeout: int = 60
 
     # Image handling.
-    #: gzip inflater: auto (isal or zlib-ng when installed) | zlib | isal | zlib-ng.
+    #: gzip inflater: auto (igzip when installed, else isal or zlib-ng, else zlib) | igzip | zlib | isal | zlib-ng.
     gzip_inflater: str = "auto"
     http_connect_timeout: float = 10.0
     http_read_timeout: float = 60.0

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import installed_deb
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache"
 # Bump when the image recipe changes, so images cached by an older recipe are rebuilt rather than reused.
@@ -49,6 +51,9 @@ FS_UUID = "5eed0000-ab00-4f1a-8000-000000000001"
 
 TARGET_RATIO_VS_GZIP_DD = 0.5
 TARGET_RATIO_VS_BMAPTOOL = 0.8
+# ab-flasher as installed from its .deb (Debian packages only, igzip from the recommended isal package).
+TARGET_DEB_RATIO_VS_GZIP_DD = 0.35
+TARGET_DEB_RATIO_VS_BMAPTOOL = 0.4
 TARGET_PEAK_RSS_MB = 64.0
 RSS_FLAT_FRACTION = 0.10
 RSS_FLAT_MB = 4.0
@@ -396,6 +401,10 @@ with open(sys.argv[1], "rb", buffering=0) as source:
             chunk = inflater.unconsumed_tail
 assert inflater.eof
 """
+# ab-flasher as `apt install ab-flasher` (with Recommends) has it: see installed_deb.py.
+ABF_DEB = Tool("abflasher_deb", "ab-flasher (.deb, Debian only)", "auto")
+# A reference: igzip alone, its output discarded. No install that inflates with igzip can be faster.
+IGZIP_ONLY = Tool("igzip_inflate_only", "igzip -dc > /dev/null (no write)", writes=False)
 # Only with --extra-inflaters: each fast inflater by name, to see whether "auto" picks the faster one here.
 ABF_EXTRA = (
     Tool("abflasher_isal", "ab-flasher (isal)", "isal"),
@@ -442,10 +451,11 @@ class Measurement:
 
 
 class Runner:
-    def __init__(self, target: LoopTarget, python: str, check: bool) -> None:
+    def __init__(self, target: LoopTarget, python: str, check: bool, deb: installed_deb.InstalledDeb) -> None:
         self.target = target
         self.python = python
         self.check = check
+        self.deb = deb
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH", "")) if p)
         self.env.setdefault("LC_ALL", "C")
@@ -458,6 +468,10 @@ class Runner:
             return ["bmaptool", "-q", "copy", "--bmap", str(image.bmap), str(image.gz), part]
         if tool is INFLATE_ONLY:
             return [self.python, "-c", INFLATE_ONLY_SCRIPT, str(image.gz)]
+        if tool is IGZIP_ONLY:
+            return ["sh", "-c", 'igzip -dc "$1" > /dev/null', "sh", str(image.gz)]
+        if tool is ABF_DEB:
+            return self.deb.command("write", str(image.gz), part, "--json", "-q")
         assert tool.inflater is not None
         return [self.python, "-m", "abflasher.cli", "write", str(image.gz), part,
                 "--inflater", tool.inflater, "--json", "-q"]
@@ -535,6 +549,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-check", action="store_true",
                         help="skip hashing the partition after each run (ab-flasher still verifies itself)")
     default_python = REPO / ".venv" / "bin" / "python"
+    parser.add_argument("--deb", type=Path, default=None,
+                        help="the release package to unpack for the .deb row (default: build it with make deb)")
     parser.add_argument("--python", default=str(default_python if default_python.exists() else sys.executable),
                         help="interpreter that runs ab-flasher (default: the repo's .venv)")
     args = parser.parse_args(argv)
@@ -568,29 +584,40 @@ def _bench(args: argparse.Namespace) -> int:
         images_bytes[double.size_mb] = double.image_bytes
     bmap_decompressor = "pigz" if shutil.which("pigz") else "gzip"
 
-    main_tools = (GZIP_DD, BMAPTOOL, ABF_ZLIB, ABF_FAST)
-    timed_tools = main_tools + (INFLATE_ONLY,) + (ABF_EXTRA if args.extra_inflaters else ())
+    try:
+        deb = installed_deb.prepare(REPO, CACHE, args.deb)
+    except installed_deb.DebError as exc:
+        raise BenchError(str(exc)) from exc
+    if deb.igzip is None:
+        log("igzip is not installed (Debian package isal): the .deb row inflates with stdlib zlib")
+
+    main_tools = (GZIP_DD, BMAPTOOL, ABF_ZLIB, ABF_FAST, ABF_DEB)
+    references = (INFLATE_ONLY, IGZIP_ONLY) if deb.igzip else (INFLATE_ONLY,)
+    timed_tools = main_tools + references + (ABF_EXTRA if args.extra_inflaters else ())
     results = {tool.key: Measurement(tool.key, tool.label, image.size_mb) for tool in timed_tools}
-    doubled = {tool.key: Measurement(tool.key, tool.label, args.size_mb * 2) for tool in (ABF_ZLIB, ABF_FAST)}
+    doubled_tools = (ABF_ZLIB, ABF_FAST, ABF_DEB)
+    doubled = {tool.key: Measurement(tool.key, tool.label, args.size_mb * 2) for tool in doubled_tools}
     with loop_target(max(images_bytes.values())) as target:
         direct = "on" if target.direct_io else "off"
         log(f"target {target.partition} ({target.capacity >> 20} MiB, loop direct I/O {direct}), "
             f"image {image.image_bytes >> 20} MiB, {image.gz_bytes / MB:.0f} MB gzipped, "
             f"{image.mapped_bytes >> 20} MiB mapped")
-        runner = Runner(target, args.python, check=not args.no_check)
+        runner = Runner(target, args.python, check=not args.no_check, deb=deb)
         for round_index in range(args.repeat):
             log(f"round {round_index + 1}/{args.repeat}:")
             for tool in timed_tools:
                 runner.measure(tool, image, results[tool.key])
             if double is not None:
-                for tool in (ABF_ZLIB, ABF_FAST):
+                for tool in doubled_tools:
                     runner.measure(tool, double, doubled[tool.key])
 
-    gzip_dd, bmaptool, abf_zlib, abf_fast = (results[t.key] for t in main_tools)
+    gzip_dd, bmaptool, abf_zlib, abf_fast, abf_deb = (results[t.key] for t in main_tools)
     reference = {"gzip_dd": gzip_dd.wall_median, "bmaptool": bmaptool.wall_median}
     ratio_vs_gzip_dd = abf_zlib.wall_median / gzip_dd.wall_median
     ratio_vs_bmaptool = abf_fast.wall_median / bmaptool.wall_median
-    peak_rss_mb = max(abf_zlib.peak_rss_mb, abf_fast.peak_rss_mb)
+    deb_ratio_vs_gzip_dd = abf_deb.wall_median / gzip_dd.wall_median
+    deb_ratio_vs_bmaptool = abf_deb.wall_median / bmaptool.wall_median
+    peak_rss_mb = max(abf_zlib.peak_rss_mb, abf_fast.peak_rss_mb, abf_deb.peak_rss_mb)
 
     print()
     print_table([*results.values(), *(doubled.values() if double else [])], images_bytes, reference, image.size_mb)
@@ -600,6 +627,9 @@ def _bench(args: argparse.Namespace) -> int:
         "ratio_vs_gzip_dd": target_result(round(ratio_vs_gzip_dd, 3), TARGET_RATIO_VS_GZIP_DD),
         "ratio_vs_bmaptool": target_result(round(ratio_vs_bmaptool, 3), TARGET_RATIO_VS_BMAPTOOL),
         "peak_rss_mb": target_result(round(peak_rss_mb, 1), TARGET_PEAK_RSS_MB),
+        "deb_ratio_vs_gzip_dd": target_result(round(deb_ratio_vs_gzip_dd, 3), TARGET_DEB_RATIO_VS_GZIP_DD),
+        "deb_ratio_vs_bmaptool": target_result(round(deb_ratio_vs_bmaptool, 3), TARGET_DEB_RATIO_VS_BMAPTOOL),
+        "deb_peak_rss_mb": target_result(round(abf_deb.peak_rss_mb, 1), TARGET_PEAK_RSS_MB),
     }
     rss_double: dict[str, Any] | None = None
     if double is not None:
@@ -632,6 +662,14 @@ def _bench(args: argparse.Namespace) -> int:
         "mb_per_s": round(abf_fast.mb_per_s(image.image_bytes), 1),
         "mb_per_s_zlib": round(abf_zlib.mb_per_s(image.image_bytes), 1),
         "zlib_inflate_only_ratio_vs_gzip_dd": round(results[INFLATE_ONLY.key].wall_median / gzip_dd.wall_median, 3),
+        "deb_ratio_vs_gzip_dd": round(deb_ratio_vs_gzip_dd, 3),
+        "deb_ratio_vs_bmaptool": round(deb_ratio_vs_bmaptool, 3),
+        "deb_mb_per_s": round(abf_deb.mb_per_s(image.image_bytes), 1),
+        "inflater_deb": abf_deb.inflater,
+        "igzip_inflate_only_ratio_vs_gzip_dd": (
+            round(results[IGZIP_ONLY.key].wall_median / gzip_dd.wall_median, 3) if deb.igzip else None
+        ),
+        "deb": deb.describe(),
         "inflater_slow": abf_zlib.inflater,
         "inflater_fast": abf_fast.inflater,
         "image_mb": image.size_mb,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from abflasher import errors
+from abflasher.image.child_decoder import ChildDecoder, GzipFraming, igzip_path
 
 
 class ImageFormat(enum.StrEnum):
@@ -123,16 +124,34 @@ def available_gzip_implementations() -> dict[str, GzipInflater]:
     return impls
 
 
+#: The names `--inflater` and `gzip_inflater` take. igzip is the program of Debian's isal package, run as a child
+#: process (image/child_decoder.py); the others are Python modules inflating in process.
+GZIP_INFLATERS = ("auto", "igzip", "isal", "zlib-ng", "zlib")
+
+
+def gzip_inflater_name(name: str = "auto") -> str:
+    """The gzip inflater ``name`` stands for: ``auto`` is igzip when installed, else the fastest importable module
+    (isal or zlib-ng from PyPI), else stdlib zlib. InvalidArgument when the one named is not installed."""
+    if name == "igzip" or (name == "auto" and igzip_path() is not None):
+        if igzip_path() is None:
+            raise errors.InvalidArgument("the igzip inflater is not installed (install the Debian package isal)")
+        return "igzip"
+    return gzip_implementation(name)[0]
+
+
 def gzip_implementation(name: str = "auto") -> tuple[str, GzipInflater]:
-    """Pick a gzip inflater: ``auto`` takes the fastest importable one (isal or zlib-ng), else stdlib zlib."""
+    """Pick an in-process gzip inflater: ``auto`` takes the fastest importable one (isal or zlib-ng), else stdlib
+    zlib."""
     impls = available_gzip_implementations()
     if name == "auto":
         first = next(iter(impls))
         return first, impls[first]
     if name not in impls:
-        known = ", ".join(["auto", "isal", "zlib-ng", "zlib"])
+        known = ", ".join(GZIP_INFLATERS)
         if name in ("isal", "zlib-ng"):
             raise errors.InvalidArgument(f"the {name} inflater is not installed (python3 module missing)")
+        if name == "igzip":
+            raise errors.InvalidArgument("igzip is a program, not an in-process inflater")
         raise errors.InvalidArgument(f"unknown gzip inflater {name!r}; use one of {known}")
     return name, impls[name]
 
@@ -489,6 +508,10 @@ class _ZstdDecoder:
         return True
 
 
+def _no_check() -> None:
+    pass
+
+
 def open_decoder(
     image_format: ImageFormat,
     next_chunk: ChunkSource,
@@ -496,13 +519,24 @@ def open_decoder(
     *,
     gzip_impl: str = "auto",
     gzip_check: GzipMemberCheck | None = None,
+    source_size: int | None = None,
+    check: Callable[[], None] = _no_check,
 ) -> Decoder:
     """A bounded streaming decoder for ``image_format``; ``head`` is input already read for detection.
 
     With ``gzip_check`` the caller takes over checking the CRC-32 of gzip members: it must feed that object every
-    decoded byte in order and call its finish() after the last; without it the decoder checks them itself.
+    decoded byte in order and call its finish() after the last; without it the decoder checks them itself. A decoder
+    that runs a program (`ChildDecoder`: igzip) must be closed; it calls ``check`` while it waits (raising from it
+    abandons the decode) and aligns its input on ``source_size`` when that is known (see image/child_decoder.py).
     """
     if image_format is ImageFormat.GZIP:
+        if gzip_inflater_name(gzip_impl) == "igzip":
+            # igzip checks every member's trailer; the first header is checked here as the in-process decoder does.
+            _gzip_header_length(head, zlib.crc32)
+            program = igzip_path()
+            assert program is not None
+            framing = GzipFraming(source_size)
+            return ChildDecoder([program, "-d", "-c"], "gzip", next_chunk, head, framing=framing, check=check)
         _, inflater = gzip_implementation(gzip_impl)
         return _GzipDecoder(next_chunk, head, inflater, gzip_check)
     if image_format is ImageFormat.XZ:

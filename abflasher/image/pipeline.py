@@ -27,13 +27,16 @@ from dataclasses import dataclass
 from typing import cast
 
 from abflasher import errors
+from abflasher.image.child_decoder import ChildDecoder
 from abflasher.image.destinations import Destination, Verifier
 from abflasher.image.formats import (
     DETECT_BYTES,
+    Decoder,
     GzipMemberCheck,
     ImageFormat,
     detect_format,
     gzip_implementation,
+    gzip_inflater_name,
     open_decoder,
 )
 from abflasher.image.sources import ImageSource
@@ -215,7 +218,7 @@ class _DecodeStage:
 
     def __init__(
         self, pipe: _Pipeline, queues: _Queues, fmt: ImageFormat, head: bytes, *, gzip_impl: str,
-        gzip_check: GzipMemberCheck | None,
+        gzip_check: GzipMemberCheck | None, source_size: int | None,
     ) -> None:
         self._pipe = pipe
         self._queues = queues
@@ -223,6 +226,7 @@ class _DecodeStage:
         self._head = head
         self._gzip_impl = gzip_impl
         self._gzip_check = gzip_check
+        self._source_size = source_size
 
     def _next_chunk(self) -> bytes:
         item = self._pipe.get(self._queues.compressed)
@@ -230,17 +234,40 @@ class _DecodeStage:
 
     def run(self) -> None:
         decoder = open_decoder(
-            self._format, self._next_chunk, self._head, gzip_impl=self._gzip_impl, gzip_check=self._gzip_check
+            self._format, self._next_chunk, self._head, gzip_impl=self._gzip_impl, gzip_check=self._gzip_check,
+            source_size=self._source_size, check=self._pipe.check,
         )
+        try:
+            self._decode(decoder)
+        except BaseException as exc:
+            # First, so that a decoder program's feeder thread waiting for input gives up before close() waits for it.
+            self._pipe.fail(exc)
+            raise
+        finally:
+            if isinstance(decoder, ChildDecoder):
+                decoder.close()
+
+    def _fill(self, decoder: Decoder, buf: mmap.mmap) -> int:
+        """Decode into ``buf`` until it is full or the image ended; returns how many bytes it holds."""
+        filled = 0
+        if isinstance(decoder, ChildDecoder):
+            # Straight from the program's stdout into the buffer: no copy in Python.
+            with memoryview(buf) as view:
+                while filled < BUFFER_SIZE and (n := decoder.readinto(view[filled:])):
+                    filled += n
+            return filled
+        while filled < BUFFER_SIZE:
+            data = decoder.read(BUFFER_SIZE - filled)
+            if not data:
+                break
+            buf[filled : filled + len(data)] = data
+            filled += len(data)
+        return filled
+
+    def _decode(self, decoder: Decoder) -> None:
         while True:
             buf = cast(mmap.mmap, self._pipe.get(self._queues.free))
-            filled = 0
-            while filled < BUFFER_SIZE:
-                data = decoder.read(BUFFER_SIZE - filled)
-                if not data:
-                    break
-                buf[filled : filled + len(data)] = data
-                filled += len(data)
+            filled = self._fill(decoder, buf)
             if filled:
                 self._pipe.put(self._queues.to_hash, (buf, filled, False))
             if filled < BUFFER_SIZE:
@@ -497,18 +524,22 @@ def stream_image(
         # format's decoder refuses what is not that format.
         fmt = image_format
     inflater: str | None = None
-    # The gzip CRC-32 runs on the hashing thread, off the inflating one (see GzipMemberCheck).
+    # The gzip CRC-32 runs on the hashing thread, off the inflating one (see GzipMemberCheck); igzip checks its own.
     gzip_check: GzipMemberCheck | None = None
     if fmt is ImageFormat.GZIP:
-        inflater, implementation = gzip_implementation(gzip_impl)
-        gzip_check = GzipMemberCheck(implementation.crc32)
+        inflater = gzip_inflater_name(gzip_impl)
+        if inflater != "igzip":
+            inflater, implementation = gzip_implementation(inflater)
+            gzip_check = GzipMemberCheck(implementation.crc32)
 
     pipe = _Pipeline(cancel)
     pipe.check()
     queues = _Queues.make()
     # Published checksums are often of the compressed file; hash it only when there is one to compare with.
     reader = _ReadStage(pipe, queues, source, head, hashed=expected_sha256 is not None and fmt is not ImageFormat.RAW)
-    decoder = _DecodeStage(pipe, queues, fmt, head, gzip_impl=gzip_impl, gzip_check=gzip_check)
+    decoder = _DecodeStage(
+        pipe, queues, fmt, head, gzip_impl=inflater or gzip_impl, gzip_check=gzip_check, source_size=source.size
+    )
     hasher = _HashStage(pipe, queues, gzip_check)
     writer = WriteStage(
         pipe,

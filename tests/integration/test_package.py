@@ -112,6 +112,11 @@ EXPECTED_DEPENDS = {
     "python3:any (>= 3.11~)",
 }
 
+#: Recommends: installed by apt by default, each making ab-flasher faster or more capable, none needed to work.
+EXPECTED_RECOMMENDS = {
+    "isal",  # igzip: gzip images inflate 4-6 times faster than with stdlib zlib
+}
+
 #: lintian warnings that remain, with the reason they stay (also listed in docs/packaging.md).
 EXPECTED_LINTIAN_WARNINGS = {
     # The changelog's first entry closes no ITP bug: the package is not uploaded to Debian.
@@ -308,6 +313,7 @@ def test_release_package_metadata_and_contents(builds: Builds) -> None:
     assert deb_field(builds.deb, "Version") == deb_version()
     assert deb_field(builds.deb, "Architecture") == "all"
     assert split_depends(deb_field(builds.deb, "Depends")) == EXPECTED_DEPENDS
+    assert split_depends(deb_field(builds.deb, "Recommends")) == EXPECTED_RECOMMENDS
     contents = {line.split()[-1].removeprefix(".") for line in run(["dpkg-deb", "-c", builds.deb]).stdout.splitlines()}
     for path in INSTALLED_FILES:
         assert path in contents, f"{path} is not in the package"

@@ -105,7 +105,7 @@ def test_truncated_stream_leaves_the_target_incomplete(image: bytes, fraction: f
 
 
 @pytest.mark.parametrize("field", [-8, -1], ids=["crc32", "isize"])
-@pytest.mark.parametrize("impl", list(available_gzip_implementations()))
+@pytest.mark.parametrize("impl", list(available_gzip_implementations()))  # igzip: tests/unit/test_child_decoder.py
 def test_a_bad_gzip_trailer_is_caught_off_the_inflating_thread(image: bytes, impl: str, field: int) -> None:
     half = len(image) // 2
     second = bytearray(compress(image[half:], "gzip"))
