@@ -39,6 +39,9 @@ class _SpawnedPrograms:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
+    def igzip_ran(self) -> bool:
+        return bool(self.started) and all(os.path.basename(str(p.args[0])) == "igzip" for p in self.started)
+
 
 @pytest.fixture
 def spawned(monkeypatch: pytest.MonkeyPatch) -> Iterator[_SpawnedPrograms]:
@@ -81,7 +84,8 @@ def igzip_stream(blob: bytes, *, known_size: bool = True, piece: int | None = No
     return out.getvalue(), result
 
 
-def igzip_fails(blob: bytes, match: str, *, known_size: bool = True, **kwargs: Any) -> errors.AbFlasherError:
+def igzip_fails(spawned: _SpawnedPrograms, blob: bytes, match: str, *, known_size: bool = True,
+                **kwargs: Any) -> errors.AbFlasherError:
     out = io.BytesIO(b"\xaa" * (16 * MIB))
     with pytest.raises(errors.AbFlasherError, match=match) as caught:
         stream_image(BytesSource(blob, known_size=known_size), FileObjectWriter(out), gzip_impl="igzip", **kwargs)
@@ -89,6 +93,7 @@ def igzip_fails(blob: bytes, match: str, *, known_size: bool = True, **kwargs: A
     assert data[:BUFFER_SIZE] in (b"\xaa" * BUFFER_SIZE, bytes(BUFFER_SIZE)), "the first block must not be written"
     message = str(caught.value)
     assert "\n" not in message, "one line, never the program's stderr"
+    assert spawned.igzip_ran(), "the error must come from the igzip path"
     return caught.value
 
 
@@ -104,6 +109,7 @@ def test_round_trip(spawned: _SpawnedPrograms, image: bytes, members: int, known
     assert data == image
     assert result.image_size == len(image)
     assert len(spawned.started) == 1
+    assert spawned.igzip_ran()
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 21, 22, 23, 65_557, 65_558, 65_579, 65_580, IGZIP_READ_SIZE - 1])
@@ -134,7 +140,7 @@ def test_optional_header_fields_and_an_empty_member(spawned: _SpawnedPrograms) -
 def test_truncated(spawned: _SpawnedPrograms, image: bytes, cut: float, known_size: bool) -> None:
     blob = compress(image, "gzip", members=2)
     end = int(len(blob) * cut) if cut > 0 else len(blob) + int(cut)
-    error = igzip_fails(blob[:end], "truncated", known_size=known_size)
+    error = igzip_fails(spawned, blob[:end], "truncated", known_size=known_size)
     assert isinstance(error, errors.BadImage)
     if known_size:
         assert f"ended after {end} compressed bytes" in str(error)
@@ -142,7 +148,7 @@ def test_truncated(spawned: _SpawnedPrograms, image: bytes, cut: float, known_si
 
 def test_cut_inside_the_second_members_header(spawned: _SpawnedPrograms, image: bytes) -> None:
     first = compress(image[: MIB], "gzip")
-    igzip_fails(first + compress(image[MIB:], "gzip")[:5], "truncated")
+    igzip_fails(spawned, first + compress(image[MIB:], "gzip")[:5], "truncated")
 
 
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
@@ -150,7 +156,7 @@ def test_corrupt_deflate_data(spawned: _SpawnedPrograms, image: bytes, where: fl
     blob = bytearray(compress(image, "gzip"))
     middle = int(len(blob) * where)
     blob[middle : middle + 64] = bytes(b ^ 0x5A for b in blob[middle : middle + 64])
-    igzip_fails(bytes(blob), "corrupt gzip data")
+    igzip_fails(spawned, bytes(blob), "corrupt gzip data")
 
 
 @pytest.mark.parametrize("field", [-8, -1], ids=["crc32", "isize"])
@@ -158,7 +164,7 @@ def test_corrupt_deflate_data(spawned: _SpawnedPrograms, image: bytes, where: fl
 def test_bad_trailer(spawned: _SpawnedPrograms, image: bytes, field: int, member: int) -> None:
     parts = [bytearray(compress(image[: 2 * MIB], "gzip")), bytearray(compress(image[2 * MIB :], "gzip"))]
     parts[member][field] ^= 0x01
-    igzip_fails(bytes(parts[0] + parts[1]), "corrupt gzip data")
+    igzip_fails(spawned, bytes(parts[0] + parts[1]), "corrupt gzip data")
 
 
 @pytest.mark.parametrize(
@@ -171,11 +177,11 @@ def test_trailing_garbage(spawned: _SpawnedPrograms, image: bytes, garbage: byte
     blob = compress(image, "gzip", members=members) + garbage
     # What starts like another member is a member cut short (as the in-process decoder says); anything else is
     # garbage.
-    igzip_fails(blob, "trailing garbage|truncated" if garbage.startswith(b"\x1f") else "trailing garbage")
+    igzip_fails(spawned, blob, "trailing garbage|truncated" if garbage.startswith(b"\x1f") else "trailing garbage")
 
 
 def test_garbage_that_ends_with_a_gzip_member_is_not_taken_for_one(spawned: _SpawnedPrograms, image: bytes) -> None:
-    igzip_fails(compress(image, "gzip") + b"XY" + compress(b"tail", "gzip"), "trailing garbage")
+    igzip_fails(spawned, compress(image, "gzip") + b"XY" + compress(b"tail", "gzip"), "trailing garbage")
 
 
 def test_first_header_checked_like_the_in_process_decoder(spawned: _SpawnedPrograms) -> None:
@@ -246,7 +252,7 @@ def test_a_program_that_fails_oddly_is_one_line_without_its_stderr(
     # Reads a little, writes some output, complains at length and exits 3.
     _fake_igzip(tmp_path, monkeypatch, "head -c 1000 >/dev/null; head -c 5000 /dev/zero; "
                 "for i in 1 2 3 4 5; do echo 'line of noise' >&2; done; exit 3\n")
-    error = igzip_fails(compress(image, "gzip"), "gzip")
+    error = igzip_fails(spawned, compress(image, "gzip"), "gzip")
     assert "line of noise" not in str(error)
 
 
