@@ -19,6 +19,9 @@ The program's exit status alone does not say everything the in-process decoders 
   of the image out of the pipe, and the parent keeps the pipe's read end open, so what igzip left unread in it
   after exiting (FIONREAD) says whether it got to the sentinel. When the size is not known (a pipe), a failure after
   the sentinel was read is reported as "truncated or damaged in its last MiB".
+- **Latency.** igzip decodes its input a read (1 MiB of compressed bytes) at a time, so the first bytes of the image
+  come out once 1 MiB of input arrived (or the input ended), and the rest in steps of 1 MiB of input: nothing for
+  throughput, but a source that sends less than that and then waits gets nothing written until it goes on.
 - **The first member's header** is checked here (reserved flags, header CRC), as the in-process decoder does.
 - **Cancellation and failures.** The program runs in its own session (a Ctrl-C at the terminal is the pipeline's to
   handle, not the program's); `close` kills it (SIGKILL), reaps it and closes every descriptor; a program that

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from tests.support.bus import (
     stop_process,
     wait_until,
 )
+from tests.support.pidisk import build_root_image
 from tests.support.service_rig import (
     ERR,
     IMAGE_MB,
@@ -270,9 +272,18 @@ def test_update_from_a_pipe_fed_by_another_process(rig: Rig, device: Device, ser
     assert slot_of(status, "b")["installed"]["source"] == "uploaded image"
 
 
-def test_a_pipe_that_breaks_mid_stream_fails_cleanly(rig: Rig, device: Device, service: ServiceProcess) -> None:
+def test_a_pipe_that_breaks_mid_stream_fails_cleanly(
+    rig: Rig, device: Device, service: ServiceProcess, tmp_path: Path
+) -> None:
     member = rig.users.member
-    image = rig.images["1.1.0.gz"]
+    # 3 MiB that do not compress: half of the image is more than igzip's first read (1 MiB of compressed input), so
+    # the slot is being written before the pipe breaks, whatever the inflater.
+    raw = tmp_path / "root-1.1.0.img"
+    build_root_image(raw, "1.1.0", size_mb=IMAGE_MB,
+                     extra_files={"etc/hostname": "pi\n", "var/blob": random.Random(7).randbytes(3 << 20)})
+    image = tmp_path / "root-1.1.0.img.gz"
+    subprocess.run(f"gzip -1 -c {raw} > {image}", shell=True, check=True, timeout=120)
+    image.chmod(0o644)
     half = image.stat().st_size // 2
     script = (
         "import sys, time\n"
