@@ -69,6 +69,14 @@ class CheckResult:
     current: str
     available: str
     update_available: bool
+    # What a signed channel says of its release (empty in the simple mode).
+    signer: str = ""
+    compatible: str = ""
+    created: int = 0  # unix seconds
+    expires: int = 0  # unix seconds; 0: never
+    size: int = 0  # the image, uncompressed
+    download_size: int = 0  # what an update downloads
+    release_notes: str = ""
 
 
 @dataclass(frozen=True)
