@@ -32,6 +32,7 @@ class SystemStatus:
     booted_version: str
     trial_active: bool
     slots: tuple[SlotStatus, ...]
+    auto_update: str = ""  # the last unattended update run's outcome (abflasher/autoupdate.py); "" if none
 
 
 @dataclass(frozen=True)

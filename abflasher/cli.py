@@ -85,6 +85,15 @@ def _build_parser() -> argparse.ArgumentParser:
     write.add_argument("--config", default=DEFAULT_PATH,
                        help=f"configuration whose trusted keys a bundle is checked against (default {DEFAULT_PATH})")
 
+    auto_update = commands.add_parser(
+        "auto-update",
+        help="one unattended update run, as far as auto_update says (ab-flasher-update.timer runs it)",
+        description="Check the channel; with auto_update = download-and-install or install-and-reboot install its "
+        "newest version into the other slot; with install-and-reboot wait for maintenance_window, then reboot into "
+        "the trial. The outcome goes to standard output (the journal) and to abflasherctl status.",
+    )
+    auto_update.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+
     from abflasher.trust.commands import add_bundle_parser
 
     add_bundle_parser(commands)
@@ -292,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _trial_deadline(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "auto-update":
+            from abflasher.autoupdate import auto_update_main
+
+            return auto_update_main(args.config)
         if args.command == "bundle":
             from abflasher.trust.commands import run_bundle
 

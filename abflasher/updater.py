@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from abflasher import api, decisions, errors, newroot
+from abflasher.autoupdate import last_outcome_summary
 from abflasher.boot.fat import FatVolume
 from abflasher.commands import Runner, reboot_into_trial, reboot_normally, run_command
 from abflasher.config import Config
@@ -80,7 +81,8 @@ class Updater:
         return device.version(device.booted, self.config.root_path)
 
     def status(self) -> api.SystemStatus:
-        return _system_status(*self._read(), self.config.root_path)
+        status = _system_status(*self._read(), self.config.root_path)
+        return dataclasses.replace(status, auto_update=last_outcome_summary(self.config))
 
     # ----------------------------------------------------------------------------------------------- updating
 

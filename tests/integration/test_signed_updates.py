@@ -5,6 +5,7 @@ nothing armed and nothing written outside the target slot."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -319,3 +320,47 @@ def test_without_trusted_keys_the_simple_mode_still_works(device: Device) -> Non
                                            require_checksum=True)
     device.install_channel(version="1.1.0")
     assert tryboot_slot(device.pi) == "b"
+
+
+# --- the timer's service ---------------------------------------------------------------------------------------------
+
+
+def test_the_timer_checks_installs_waits_for_the_window_reboots_and_the_trial_commits(device: Device) -> None:
+    from abflasher.autoupdate import run_auto_update
+
+    device.serve_channel(device.release("1.1.0"))
+    device.pi.config = dataclasses.replace(device.pi.config, auto_update="install-and-reboot",
+                                           maintenance_window="03:00-04:00")
+    clock = [datetime.datetime(2026, 12, 1, 1, 30)]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        # While it waits for the window: installed and armed, not rebooted.
+        assert device.pi.reboots() == []
+        assert tryboot_slot(device.pi) == "b"
+        assert "maintenance window 03:00-04:00" in device.pi.updater().status().auto_update
+        slept.append(seconds)
+        clock[0] += datetime.timedelta(seconds=seconds)
+
+    outcome = run_auto_update(device.pi.updater(), now=lambda: clock[0], sleep=sleep)
+    assert slept == [90 * 60]
+    assert outcome.result == "rebooting"
+    assert [line.split()[-1] for line in device.pi.reboots()] == ["tryboot"]
+    assert "rebooting into version 1.1.0" in device.pi.updater().status().auto_update
+
+    boot_and_commit(device.pi, "1.1.0")
+    again = run_auto_update(device.pi.updater(), now=lambda: clock[0], sleep=sleep)
+    assert again.result == "up-to-date"
+    assert len(device.pi.reboots()) == 1
+
+
+@pytest.mark.parametrize("level", ["off", "check", "download-and-install"])
+def test_the_timer_goes_only_as_far_as_configured(device: Device, level: str) -> None:
+    from abflasher.autoupdate import run_auto_update
+
+    device.serve_channel(device.release("1.1.0"))
+    device.pi.config = dataclasses.replace(device.pi.config, auto_update=level)
+    outcome = run_auto_update(device.pi.updater(), sleep=lambda seconds: pytest.fail("must not wait"))
+    expected = {"off": ("off", "a"), "check": ("available", "a"), "download-and-install": ("installed", "b")}[level]
+    assert (outcome.result, tryboot_slot(device.pi)) == expected
+    assert device.pi.reboots() == []
