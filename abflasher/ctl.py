@@ -273,7 +273,7 @@ async def cmd_check(client: ServiceClient, args: argparse.Namespace, out: Output
                if key not in ("current", "available", "update-available")}
     out.json({"current": current, "available": available, "update_available": update_available, **release})
     if update_available:
-        out.text(f"update available: {available} (running {current}); install it: abflasherctl update")
+        out.text(f"update available: {available} (running {current}); install it: abflasherctl update {available}")
     else:
         out.text(f"up to date: running {current}" + (f" (newest is {available})" if available else ""))
     if release:

@@ -21,11 +21,9 @@ from pathlib import Path
 from abflasher import errors
 from abflasher.api import PreparedUpdate
 from abflasher.config import Config
-from abflasher.image.http import open_http
 from abflasher.image.locations import redact_url
 from abflasher.image.pipeline import read_head
 from abflasher.image.sources import FdSource, ImageSource
-from abflasher.trust import channel
 from abflasher.trust.bundle import BundleReader, bundle_members, copy_checked, is_bundle
 from abflasher.trust.manifest import MAX_MANIFEST_SIZE, Artifact, Manifest, parse_manifest
 from abflasher.trust.signature import MAX_SIGNATURE_SIZE, Signer, read_allowed_signers, verify
@@ -145,6 +143,9 @@ class ChannelUpdate(SignedUpdate):
         self.verified = verify_manifest(config, raw, signature, at=at)
 
     def _download(self, artifact: Artifact, cancel: threading.Event) -> ImageSource:
+        from abflasher.image.http import open_http
+        from abflasher.trust import channel
+
         url = channel.artifact_url(self._url, artifact.url)
         return channel.SizedSource(open_http(self._config, url, label=artifact.name, cancel=cancel), artifact)
 
@@ -177,6 +178,8 @@ def channel_manifest_url(config: Config) -> str:
 
 
 def open_channel(config: Config, manifest_url: str, cancel: threading.Event | None, *, at: float) -> ChannelUpdate:
+    from abflasher.trust import channel
+
     raw, signature = channel.fetch_signed_manifest(config, manifest_url, cancel)
     return ChannelUpdate(config, manifest_url, raw, signature, at=at)
 
@@ -204,12 +207,17 @@ def open_update(
         source = FdSource(os.dup(request.fd), prepared.description, cancel=cancel,
                           idle_timeout=config.upload_idle_timeout)
     else:
+        # The HTTP stack (requests) is loaded only by updates that download: see abflasher/image/locations.py.
+        from abflasher.image.http import open_http
+
         source = open_http(config, request.url, cancel=cancel)
     try:
         head = read_head(source)
         if is_bundle(head):
             return BundleUpdate(config, source, head, at=at)
         if request.fd is None and head.lstrip()[:1] == b"{":
+            from abflasher.trust import channel
+
             raw = head + channel.read_limited(source, MAX_MANIFEST_SIZE - len(head), "the manifest")
             source.close()
             signature = channel.fetch_small(config, channel.signature_url(request.url), MAX_SIGNATURE_SIZE,

@@ -132,7 +132,8 @@ def test_a_published_channel_installs_over_http_with_no_version(device: Device, 
     offer = device.pi.updater().check()
     assert (offer.current, offer.available, offer.update_available) == ("1.0.0", "1.1.0", True)
     assert offer.signer.startswith("owner (ssh-ed25519 SHA256:")
-    assert offer.compatible == COMPATIBLE and offer.release_notes == "Fixes the widget.\n"
+    assert offer.compatible == COMPATIBLE
+    assert offer.release_notes == "Fixes the widget.\n"
     assert offer.size == 24 << 20
 
     device.install_channel()
