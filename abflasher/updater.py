@@ -34,6 +34,7 @@ from abflasher.config import Config
 from abflasher.device import DeviceReading, read_device, read_disk, state_path_in_root
 from abflasher.health import run_check, run_health_checks
 from abflasher.image import artifacts
+from abflasher.image.checksums import normalize_sha256
 from abflasher.image.locations import redact_url
 from abflasher.image.pipeline import Progress
 from abflasher.image.sources import ImageSource
@@ -249,7 +250,12 @@ class Updater:
                 requested_version=request.version, allow_downgrade=request.allow_downgrade,
                 record=record, now=time.time(),
             )
-            incoming.image_artifact()
+            image = incoming.image_artifact()
+            if request.sha256 and normalize_sha256(request.sha256) != image.sha256:
+                raise errors.ChecksumMismatch(
+                    f"the sha256 given with the request is not the one the signed manifest gives its image "
+                    f"({image.sha256})"
+                )
             self._change(device, lambda state: TrustRecord.of(state).accepted(manifest).store(state))
             log.info("update %s version %s signed by %s", incoming.description, manifest.version,
                      incoming.verified.signer or "nobody (no trusted keys configured)")

@@ -97,6 +97,8 @@ def open_for_write(spec_source: ImageSource, config_path: str) -> tuple[ImageSou
     image = bundle_members(verified.manifest)[0]
     note = f"bundle version {verified.manifest.version} for {verified.manifest.compatible}, " + (
         f"signed by {verified.signer}" if verified.signer else "signature not checked (no trusted keys configured)")
+    if verified.manifest.boot() is not None:
+        note += "; its boot artifact is not written (only an update installs a slot's boot files)"
     return reader.artifact(image), image.sha256, note
 
 

@@ -169,6 +169,10 @@ def _artifact(data: object, index: int) -> Artifact:
         raise errors.BadManifest(
             f"manifest: artifact {name} format {fmt!r}: use one of {', '.join(sorted(ARTIFACT_FORMATS))}"
         )
+    if name == BOOT_ARTIFACT and fmt != ImageFormat.RAW.value:
+        raise errors.BadManifest(
+            "manifest: the boot artifact is installed as it is (a tar, tar.gz or FAT image): its format must be raw"
+        )
     sha256 = data.get("sha256")
     if not isinstance(sha256, str) or not _SHA256_RE.match(sha256):
         raise errors.BadManifest(f"manifest: artifact {name} sha256 must be 64 lowercase hex digits")

@@ -14,7 +14,6 @@ the state into the new slot like the rest of it (abflasher/state.py keeps keys i
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +97,8 @@ def check_manifest(
     """Raise the error that refuses ``manifest`` here, if any (its signature was already verified)."""
     if not compatibles:
         raise errors.Incompatible(
-            "this device has no compatible string to check the update against: set compatible= in "
-            f"{os.path.basename('/etc/ab-flasher/ab-flasher.conf')}"
+            "this device has no compatible string to check the update against (no device tree compatible): set "
+            "compatible= in /etc/ab-flasher/ab-flasher.conf"
         )
     if manifest.compatible not in compatibles:
         raise errors.Incompatible(

@@ -147,6 +147,11 @@ def test_manifest_round_trip_and_delta_artifacts() -> None:
         (lambda d: d["artifacts"][0].update(size=-1), "size"),
         (lambda d: d.update(artifacts=[]), "artifacts"),
         (lambda d: d.update(version="not a version!"), "version"),
+        (lambda d: d["artifacts"].append(dict(d["artifacts"][0], name="boot", url="boot.tgz", format="gzip")),
+         "boot artifact is installed as it is"),
+        (lambda d: d["artifacts"].append(dict(d["artifacts"][0], url="again.img")), "listed twice"),
+        (lambda d: d["artifacts"].append({"name": "rootfs", "url": "r.caibx", "format": "caibx", "size": 1,
+                                          "sha256": "a" * 64}), "store"),
     ],
 )
 def test_bad_manifests(change: object, message: str) -> None:
