@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, cast
 
 from abflasher import errors
-from abflasher.image.sources import ImageSource
+from abflasher.image.sources import ImageSource, PrefixedSource
 from abflasher.trust.manifest import MAX_MANIFEST_SIZE, Artifact, Manifest
 from abflasher.trust.signature import MAX_SIGNATURE_SIZE
 
@@ -57,20 +57,6 @@ def bundle_members(manifest: Manifest) -> list[Artifact]:
     return members
 
 
-class _SourceFile:
-    """An ImageSource as the file object tarfile's stream mode reads (short reads are fine for it)."""
-
-    def __init__(self, source: ImageSource, head: bytes) -> None:
-        self._source = source
-        self._head = head
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            data, self._head = self._head[:n] if n >= 0 else self._head, self._head[n:] if n >= 0 else b""
-            return data
-        return self._source.read(n if n >= 0 else COPY_CHUNK)
-
-
 class _MemberSource:
     """One member's data as an ImageSource."""
 
@@ -97,7 +83,8 @@ class BundleReader:
         self._seen: list[str] = []
         try:
             # Closed with the source it reads (the caller's); a stream-mode TarFile holds nothing else.
-            self._tar = tarfile.open(fileobj=cast(IO[bytes], _SourceFile(source, head)), mode="r|")  # noqa: SIM115
+            # tarfile's stream mode only calls read(n) with n > 0 and copes with short reads: a source will do.
+            self._tar = tarfile.open(fileobj=cast(IO[bytes], PrefixedSource(source, head)), mode="r|")  # noqa: SIM115
         except tarfile.TarError as exc:
             raise errors.BadBundle(f"{description} is not a readable tar archive: {exc}") from exc
 

@@ -13,11 +13,11 @@ from typing import Any
 from abflasher import errors
 from abflasher.config import Config, load_config
 from abflasher.image.pipeline import read_head
-from abflasher.image.sources import FileSource, ImageSource
+from abflasher.image.sources import FileSource, ImageSource, PrefixedSource
 from abflasher.trust.bundle import BundleReader, bundle_members, is_bundle
 from abflasher.trust.manifest import format_time, parse_time
 from abflasher.trust.publish import COMPRESSORS, Release, publish
-from abflasher.trust.updates import PrefixedSource, VerifiedManifest, trusted_keys, verify_manifest
+from abflasher.trust.updates import VerifiedManifest, trusted_keys, verify_manifest
 
 DAY = 86400
 

@@ -198,12 +198,6 @@ def _why_not_found(info: SignatureInfo, allowed: list[AllowedSigner], at: float)
                     f"the update is signed by {entry.principals}'s key {info.fingerprint}, which is trusted only "
                     f"{window} (checked at {when})"
                 )
-            namespaces = entry.options.get("namespaces")
-            if namespaces is not None:
-                return errors.UntrustedKey(
-                    f"the update is signed by {entry.principals}'s key {info.fingerprint}, which is trusted only "
-                    f"for namespaces={namespaces}, not {NAMESPACE}"
-                )
     return errors.UntrustedKey(
         f"the update is signed by an untrusted key ({info.key_type} {info.fingerprint}): it is not in the trusted "
         "keys (allowed_signers)"
@@ -242,6 +236,13 @@ def verify(
             data=data,
         )
     if checked.returncode != 0:
+        for entry in allowed:
+            namespaces = entry.options.get("namespaces")
+            if entry.key_blob == info.key_blob and namespaces is not None and NAMESPACE not in namespaces.split(","):
+                raise errors.UntrustedKey(
+                    f"the update is signed by {entry.principals}'s key {info.fingerprint}, which is trusted only for "
+                    f"namespaces={namespaces}, not {NAMESPACE}"
+                )
         raise errors.BadSignature(
             f"the signature by {principals[0]} ({info.fingerprint}) does not match the manifest: it was changed "
             "after signing, or the signature belongs to another file"

@@ -23,7 +23,7 @@ from abflasher.api import PreparedUpdate
 from abflasher.config import Config
 from abflasher.image.locations import redact_url
 from abflasher.image.pipeline import read_head
-from abflasher.image.sources import FdSource, ImageSource
+from abflasher.image.sources import FdSource, ImageSource, PrefixedSource
 from abflasher.trust.bundle import BundleReader, bundle_members, copy_checked, is_bundle
 from abflasher.trust.manifest import MAX_MANIFEST_SIZE, Artifact, Manifest, parse_manifest
 from abflasher.trust.signature import MAX_SIGNATURE_SIZE, Signer, read_allowed_signers, verify
@@ -55,25 +55,6 @@ def verify_manifest(config: Config, raw: bytes, signature: bytes, *, at: float) 
 
 def _workdir(config: Config) -> str | None:
     return config.run_dir if os.path.isdir(config.run_dir) else None
-
-
-class PrefixedSource:
-    """``source`` with the bytes already read from it for detection put back in front."""
-
-    def __init__(self, source: ImageSource, head: bytes) -> None:
-        self._source = source
-        self._head = head
-        self.size = source.size
-        self.description = source.description
-
-    def read(self, n: int) -> bytes:
-        if self._head:
-            data, self._head = self._head[:n], self._head[n:]
-            return data
-        return self._source.read(n)
-
-    def close(self) -> None:
-        self._source.close()
 
 
 class SignedUpdate:

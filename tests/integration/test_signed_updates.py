@@ -94,7 +94,7 @@ def device(tmp_path: Path, keys: dict[str, Key], raw_images: dict[str, Path]) ->
     work.mkdir()
     with FaultServer() as server:
         (tmp_path / "pi").mkdir()
-        config = {"trusted_keys": str(allowed), "compatible": COMPATIBLE,
+        config: dict[str, object] = {"trusted_keys": str(allowed), "compatible": COMPATIBLE,
                   "channel_url": server.url("/channel/manifest.json")}
         with SimulatedPi(tmp_path / "pi", "prefix", config=config) as pi:
             yield Device(pi, server, allowed, keys, raw_images, work)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,20 +75,23 @@ def test_our_signature_verifies_with_ssh_keygen(keys: dict[str, Key], tmp_path: 
         ("manifest changed by one byte", errors.BadSignature),
         ("another namespace", errors.BadSignature),
         ("not a signature", errors.BadSignature),
+        ("key trusted for another namespace", errors.UntrustedKey),
     ],
 )
 def test_refused_signatures(keys: dict[str, Key], tmp_path: Path, case: str, error: type[Exception]) -> None:
     owner = keys["owner"]
     options = {"key past its valid-before": 'valid-before="20200101"',
-               "key before its valid-after": 'valid-after="21000101"'}.get(case, "")
+               "key before its valid-after": 'valid-after="21000101"',
+               "key trusted for another namespace": 'namespaces="file"'}.get(case, "")
     allowed = write_allowed_signers(tmp_path / "allowed", owner.allowed_line(options))
     data = manifest().dump()
-    sig = {
+    signers: dict[str, Callable[[], bytes]] = {
         "unsigned": lambda: b"",
         "unknown key": lambda: keys["stranger"].sign(data, tmp_path),
         "another namespace": lambda: owner.sign(data, tmp_path, namespace="file"),
         "not a signature": lambda: b"-----BEGIN PGP SIGNATURE-----\nabc\n-----END PGP SIGNATURE-----\n",
-    }.get(case, lambda: owner.sign(data, tmp_path))()
+    }
+    sig = signers.get(case, lambda: owner.sign(data, tmp_path))()
     if case == "manifest changed by one byte":
         data = data.replace(b"1.2.0", b"1.2.1")
     with pytest.raises(error) as raised:
