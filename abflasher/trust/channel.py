@@ -49,20 +49,24 @@ def fetch_small(config: Config, url: str, limit: int, what: str, cancel: threadi
         source.close()
 
 
-def fetch_signed_manifest(config: Config, manifest_url: str, cancel: threading.Event | None) -> tuple[bytes, bytes]:
-    """The channel's manifest and its signature, as served (not yet verified)."""
-    manifest = fetch_small(config, manifest_url, MAX_MANIFEST_SIZE, "the channel's manifest", cancel)
+def fetch_signature(config: Config, manifest_url: str, cancel: threading.Event | None) -> bytes:
+    """The signature next to a manifest (``<manifest URL>.sig``); Unsigned when there is none."""
     try:
-        signature = fetch_small(config, signature_url(manifest_url), MAX_SIGNATURE_SIZE, "the manifest's signature",
-                                cancel)
+        return fetch_small(config, signature_url(manifest_url), MAX_SIGNATURE_SIZE, "the manifest's signature",
+                           cancel)
     except HttpStatusError as exc:
         if exc.status in (404, 410):
             raise errors.Unsigned(
-                f"the channel {redact_url(manifest_url)} has no signature ({redact_url(signature_url(manifest_url))} "
+                f"the manifest {redact_url(manifest_url)} has no signature ({redact_url(signature_url(manifest_url))} "
                 "is missing): trusted keys are configured, so only signed updates are installed"
             ) from exc
         raise
-    return manifest, signature
+
+
+def fetch_signed_manifest(config: Config, manifest_url: str, cancel: threading.Event | None) -> tuple[bytes, bytes]:
+    """The channel's manifest and its signature, as served (not yet verified)."""
+    manifest = fetch_small(config, manifest_url, MAX_MANIFEST_SIZE, "the channel's manifest", cancel)
+    return manifest, fetch_signature(config, manifest_url, cancel)
 
 
 class SizedSource:

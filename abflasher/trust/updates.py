@@ -26,7 +26,7 @@ from abflasher.image.pipeline import read_head
 from abflasher.image.sources import FdSource, ImageSource, PrefixedSource
 from abflasher.trust.bundle import BundleReader, bundle_members, copy_checked, is_bundle
 from abflasher.trust.manifest import MAX_MANIFEST_SIZE, Artifact, Manifest, parse_manifest
-from abflasher.trust.signature import MAX_SIGNATURE_SIZE, Signer, read_allowed_signers, verify
+from abflasher.trust.signature import Signer, read_allowed_signers, verify
 
 
 def trusted_keys(config: Config) -> str | None:
@@ -201,8 +201,7 @@ def open_update(
 
             raw = head + channel.read_limited(source, MAX_MANIFEST_SIZE - len(head), "the manifest")
             source.close()
-            signature = channel.fetch_small(config, channel.signature_url(request.url), MAX_SIGNATURE_SIZE,
-                                            "the manifest's signature", cancel)
+            signature = channel.fetch_signature(config, request.url, cancel)
             return ChannelUpdate(config, request.url, raw, signature, at=at)
         if signed:
             raise _unsigned("the uploaded image" if request.fd is not None else redact_url(request.url))

@@ -380,3 +380,28 @@ def test_a_channel_offering_only_a_delta_is_refused_until_the_delta_installer_ex
     with pytest.raises(errors.UnsupportedArtifact, match="delta"):
         device.install_channel()
     assert untouched(device.pi) == before
+
+
+def test_signed_mode_on_the_url_path(device: Device) -> None:
+    """Update with a url: a bundle or a signed manifest there installs; an image, or a manifest without its
+    signature, is refused as unsigned."""
+    published = device.release("1.1.0")
+    device.server.add("/plain.img.gz", published.artifacts[0].read_bytes())
+    device.server.add("/unsigned/manifest.json", published.manifest.read_bytes())
+    device.server.add("/bundle.tar", published.bundle.read_bytes())
+    before = untouched(device.pi)
+    with pytest.raises(errors.Unsigned, match="not a signed bundle"):
+        device.install_channel(url=device.server.url("/plain.img.gz"))
+    with pytest.raises(errors.Unsigned, match="has no signature"):
+        device.install_channel(url=device.server.url("/unsigned/manifest.json"))
+    with pytest.raises(errors.Network, match="not found"):
+        device.install_channel()  # the configured channel serves nothing yet
+    device.server.add("/channel/manifest.json", published.manifest.read_bytes())
+    with pytest.raises(errors.Unsigned, match="has no signature"):
+        device.install_channel()  # the channel's manifest without its signature
+    assert untouched(device.pi) == before
+    device.install_channel(url=device.server.url("/bundle.tar"))
+    assert tryboot_slot(device.pi) == "b"
+    device.serve_channel(published, prefix="/other")
+    device.install_channel(url=device.server.url("/other/manifest.json"))
+    assert tryboot_slot(device.pi) == "b"
