@@ -141,8 +141,10 @@ class Updater:
         incoming = self._open_signed(device, prepared, cancel)
         signed = incoming if isinstance(incoming, SignedUpdate) else None
         try:
-            expected = signed.image_artifact().sha256 if signed is not None else (
-                None if incoming is not None else artifacts.expected_sha256(self.config, prepared, cancel))
+            if signed is not None:
+                expected: str | None = signed.image_artifact().sha256
+            else:
+                expected = artifacts.expected_sha256(self.config, prepared, cancel)
             if cancel.is_set():
                 raise errors.Cancelled("the update was cancelled")
         except BaseException:
