@@ -250,7 +250,7 @@ class Updater:
             check_manifest(
                 manifest, compatibles=device_compatibles(self.config), booted_version=self._booted_version(device),
                 requested_version=request.version, allow_downgrade=request.allow_downgrade,
-                record=record, now=time.time(),
+                record=record, now=time.time(), require_compatible=incoming.verified.signer is not None,
             )
             image = incoming.image_artifact()
             if request.sha256 and normalize_sha256(request.sha256) != image.sha256:

@@ -93,14 +93,17 @@ def check_manifest(
     allow_downgrade: bool,
     record: TrustRecord,
     now: float,
+    require_compatible: bool = True,
 ) -> None:
-    """Raise the error that refuses ``manifest`` here, if any (its signature was already verified)."""
-    if not compatibles:
+    """Raise the error that refuses ``manifest`` here, if any (its signature was already verified). A device with
+    no compatible string at all accepts any only when ``require_compatible`` is off (a bundle in the simple mode,
+    where compatible= empty means "not checked")."""
+    if not compatibles and require_compatible:
         raise errors.Incompatible(
             "this device has no compatible string to check the update against (no device tree compatible): set "
             "compatible= in /etc/ab-flasher/ab-flasher.conf"
         )
-    if manifest.compatible not in compatibles:
+    if compatibles and manifest.compatible not in compatibles:
         raise errors.Incompatible(
             f"the update is for {manifest.compatible!r}; this device is {' / '.join(repr(c) for c in compatibles)}"
         )

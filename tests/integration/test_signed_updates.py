@@ -405,3 +405,15 @@ def test_signed_mode_on_the_url_path(device: Device) -> None:
     device.serve_channel(published, prefix="/other")
     device.install_channel(url=device.server.url("/other/manifest.json"))
     assert tryboot_slot(device.pi) == "b"
+
+
+def test_without_trusted_keys_a_bundle_is_still_checked_against_its_manifest(device: Device) -> None:
+    device.allowed.write_text("# no keys\n")
+    device.pi.config = dataclasses.replace(device.pi.config, compatible="")
+    m, sig, (name, image) = members(device.release("1.1.0", compression="none"))
+    before = untouched(device.pi)
+    with pytest.raises(errors.ChecksumMismatch):
+        device.install_fd(bundle_of(m, sig, (name, flip(image, len(image) // 2))))
+    assert untouched(device.pi) == before
+    device.install_fd(bundle_of(m, b"", (name, image)))  # unsigned: nobody to check it against
+    assert tryboot_slot(device.pi) == "b"

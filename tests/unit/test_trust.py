@@ -243,6 +243,16 @@ def test_acceptance_policy() -> None:
         check(manifest(min_version="1.1.0"))
 
 
+def test_a_device_without_a_compatible_string() -> None:
+    def without(require: bool) -> None:
+        check_manifest(manifest(), compatibles=(), booted_version="1.0.0", requested_version="",
+                       allow_downgrade=False, record=TrustRecord(), now=NOW, require_compatible=require)
+
+    with pytest.raises(errors.Incompatible, match="set compatible="):
+        without(True)
+    without(False)  # a bundle in the simple mode: compatible= empty means not checked
+
+
 def test_replay_of_an_older_manifest_is_refused() -> None:
     accepted = TrustRecord().accepted(manifest("1.3.0", created=NOW + DAY))
     with pytest.raises(errors.Replay, match="1.3.0"):
