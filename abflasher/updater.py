@@ -244,8 +244,11 @@ class Updater:
             return incoming
         try:
             manifest = incoming.manifest
-            # Seen: a verified manifest's creation time is proof of the time, even when it is refused below.
-            self._change(device, lambda state: TrustRecord.of(state).seen(manifest).store(state))
+            # Only a verified manifest is remembered (an unsigned bundle of the simple mode proves nothing): its
+            # creation time is proof of the time, even when it is refused below.
+            verified = incoming.verified.signer is not None
+            if verified:
+                self._change(device, lambda state: TrustRecord.of(state).seen(manifest).store(state))
             request = prepared.request
             check_manifest(
                 manifest, compatibles=device_compatibles(self.config), booted_version=self._booted_version(device),
@@ -258,7 +261,8 @@ class Updater:
                     f"the sha256 given with the request is not the one the signed manifest gives its image "
                     f"({image.sha256})"
                 )
-            self._change(device, lambda state: TrustRecord.of(state).accepted(manifest).store(state))
+            if verified:
+                self._change(device, lambda state: TrustRecord.of(state).accepted(manifest).store(state))
             log.info("update %s version %s signed by %s", incoming.description, manifest.version,
                      incoming.verified.signer or "nobody (no trusted keys configured)")
         except BaseException:

@@ -289,6 +289,8 @@ def test_a_replayed_older_manifest_is_refused(device: Device) -> None:
     newer = device.release("1.2.0", created=now)
     device.install_fd(newer.bundle)
     assert tryboot_slot(device.pi) == "b"
+    trust = json.loads((Path(device.pi.config.state_dir) / "state.json").read_text())["trust"]
+    assert trust == {"time_floor": now, "accepted_created": now, "accepted_version": "1.2.0"}
     before = untouched(device.pi)
     with pytest.raises(errors.Replay, match="already accepted"):
         device.install_fd(older.bundle)
@@ -417,3 +419,5 @@ def test_without_trusted_keys_a_bundle_is_still_checked_against_its_manifest(dev
     assert untouched(device.pi) == before
     device.install_fd(bundle_of(m, b"", (name, image)))  # unsigned: nobody to check it against
     assert tryboot_slot(device.pi) == "b"
+    state = json.loads((Path(device.pi.config.state_dir) / "state.json").read_text())
+    assert "trust" not in state, "an unverified manifest proves no time and sets no replay mark"
