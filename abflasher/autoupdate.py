@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from abflasher import errors
-from abflasher.api import UpdateRequest
 from abflasher.config import DEFAULT_PATH, Config, load_config
 from abflasher.state import write_atomically
 
@@ -151,6 +150,8 @@ def run_auto_update(
         if level == "check":
             return done("available", f"version {version} is available (running {offer.current})", version)
         if _armed_version(updater) != version:
+            from abflasher.api import UpdateRequest
+
             prepared = updater.prepare(UpdateRequest(version="" if offer.signer else version))
             outcome = updater.run(prepared, lambda progress: None, cancel or threading.Event())
             log.info("%s", outcome.message)
