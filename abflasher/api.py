@@ -32,6 +32,7 @@ class SystemStatus:
     booted_version: str
     trial_active: bool
     slots: tuple[SlotStatus, ...]
+    auto_update: str = ""  # the last unattended update run's outcome (abflasher/autoupdate.py); "" if none
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,14 @@ class CheckResult:
     current: str
     available: str
     update_available: bool
+    # What a signed channel says of its release (empty in the simple mode).
+    signer: str = ""
+    compatible: str = ""
+    created: int = 0  # unix seconds
+    expires: int = 0  # unix seconds; 0: never
+    size: int = 0  # the image, uncompressed
+    download_size: int = 0  # what an update downloads
+    release_notes: str = ""
 
 
 @dataclass(frozen=True)

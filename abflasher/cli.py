@@ -82,6 +82,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     deadline.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
 
+    write.add_argument("--config", default=DEFAULT_PATH,
+                       help=f"configuration whose trusted keys a bundle is checked against (default {DEFAULT_PATH})")
+
+    auto_update = commands.add_parser(
+        "auto-update",
+        help="one unattended update run, as far as auto_update says (ab-flasher-update.timer runs it)",
+        description="Check the channel; with auto_update = download-and-install or install-and-reboot install its "
+        "newest version into the other slot; with install-and-reboot wait for maintenance_window, then reboot into "
+        "the trial. The outcome goes to standard output (the journal) and to abflasherctl status.",
+    )
+    auto_update.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
+
+    from abflasher.trust.commands import add_bundle_parser
+
+    add_bundle_parser(commands)
+
     status = commands.add_parser(
         "status",
         help="the slot table, read directly (root; abflasherctl status asks the service instead)",
@@ -168,6 +184,7 @@ def _expected_sha256(args: argparse.Namespace) -> str | None:
 
 def _write(args: argparse.Namespace) -> InstallResult:
     from abflasher.image.sources import open_source
+    from abflasher.trust.commands import open_for_write
 
     expected = _expected_sha256(args)
     cancel = threading.Event()
@@ -178,8 +195,15 @@ def _write(args: argparse.Namespace) -> InstallResult:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
     printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
-    source = open_source(args.source)
+    opened = open_source(args.source)
     try:
+        # A bundle (abflasher/trust/) carries its image and the sha256 it must have.
+        source, bundle_sha256, note = open_for_write(opened, args.config)
+        if note:
+            print(note, file=sys.stderr)
+        if bundle_sha256 is not None and expected is not None and bundle_sha256 != expected:
+            raise errors.ChecksumMismatch(f"--sha256 {expected} is not the bundle's image's {bundle_sha256}")
+        expected = bundle_sha256 or expected
         return install_image(
             source,
             args.target,
@@ -192,7 +216,7 @@ def _write(args: argparse.Namespace) -> InstallResult:
         )
     finally:
         printer.close()
-        source.close()
+        opened.close()
 
 
 def _boot_check(args: argparse.Namespace) -> int:
@@ -277,6 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _trial_deadline(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "auto-update":
+            from abflasher.autoupdate import auto_update_main
+
+            return auto_update_main(args.config)
+        if args.command == "bundle":
+            from abflasher.trust.commands import run_bundle
+
+            return run_bundle(args)
         result = _write(args)
     except errors.AbFlasherError as exc:
         if getattr(args, "json", False):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,20 @@ class Config:
     #: Optional boot artifact URL ({version}): a boot partition image (autoboot) or a tarball (prefix).
     boot_artifact_url: str = ""
 
+    # Signed updates and unattended updates (docs/trust.md, docs/publishing.md).
+    #: OpenSSH allowed_signers file of the keys updates must be signed by. When it lists a key, only signed bundles
+    #: and signed channels are installed, on every path, and channel_url names the channel's manifest.json; when it
+    #: is missing or lists none, the simple mode applies (image_url and its checksum file).
+    trusted_keys: str = "/etc/ab-flasher/allowed_signers"
+    #: How far ab-flasher-update.timer goes: off | check | download-and-install | install-and-reboot.
+    auto_update: str = "off"
+    #: When the timer fires (systemd OnCalendar= syntax), and the random delay it adds (a systemd time span).
+    auto_update_schedule: str = "daily"
+    auto_update_randomized_delay: str = "1h"
+    #: When install-and-reboot may reboot into the new version: HH:MM-HH:MM, local time, may wrap midnight; empty:
+    #: at once.
+    maintenance_window: str = ""
+
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def image_url_for(self, version: str) -> str:
@@ -150,6 +165,27 @@ def _validate(config: Config) -> None:
             raise errors.InvalidArgument(f"configuration option {name} = {value!r}: only http(s) URLs are allowed")
 
 
+AUTO_UPDATE_LEVELS = ("off", "check", "download-and-install", "install-and-reboot")
+_WINDOW_RE = re.compile(r"^([01]?[0-9]|2[0-3]):([0-5][0-9])-([01]?[0-9]|2[0-3]):([0-5][0-9])$")
+_UNIT_VALUE_RE = re.compile(r"^[A-Za-z0-9 :*,./~-]+$")
+
+
+def _validate_auto_update(config: Config) -> None:
+    if config.auto_update not in AUTO_UPDATE_LEVELS:
+        raise errors.InvalidArgument(
+            f"configuration option auto_update = {config.auto_update!r}: use {', '.join(AUTO_UPDATE_LEVELS)}"
+        )
+    if config.maintenance_window and not _WINDOW_RE.match(config.maintenance_window.replace(" ", "")):
+        raise errors.InvalidArgument(
+            f"configuration option maintenance_window = {config.maintenance_window!r}: use HH:MM-HH:MM, e.g. "
+            "02:00-05:00 (empty: any time)"
+        )
+    for name in ("auto_update_schedule", "auto_update_randomized_delay"):
+        if not _UNIT_VALUE_RE.match(getattr(config, name)):
+            raise errors.InvalidArgument(f"configuration option {name} = {getattr(config, name)!r} is not a systemd "
+                                         "calendar or time span value")
+
+
 def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, str] | None = None) -> Config:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
     try:
@@ -169,6 +205,7 @@ def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, st
         kwargs[name] = _convert(name, raw, str(fields[name].type))
     config = Config(**kwargs, extra=extra)  # type: ignore[arg-type]
     _validate(config)
+    _validate_auto_update(config)
     return config
 
 

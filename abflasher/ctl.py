@@ -165,6 +165,7 @@ async def cmd_status(client: ServiceClient, args: argparse.Namespace, out: Outpu
             "primary_slot": props.get("PrimarySlot", ""),
             "booted_version": props.get("BootedVersion", ""),
             "trial_active": props.get("TrialActive", False),
+            "auto_update": props.get("AutoUpdate", ""),
             "slots": slots,
         })
         return 0
@@ -173,6 +174,8 @@ async def cmd_status(client: ServiceClient, args: argparse.Namespace, out: Outpu
     out.text(f"state:  {props.get('State', '?')}")
     if props.get("LastError"):
         out.text(f"last error: {props['LastError']}")
+    if props.get("AutoUpdate"):
+        out.text(f"auto-update: {props['AutoUpdate']}")
     headers = ("SLOT", "ROLE", "VERSION", "STATE", "BOOTED", "PRIMARY", "SIZE", "DEVICE")
     rows = [
         (
@@ -220,8 +223,6 @@ def _open_image(path: str) -> tuple[int, bool]:
 
 async def cmd_update(client: ServiceClient, args: argparse.Namespace, out: Output,
                      interrupted: asyncio.Event) -> int:
-    if not args.file and not args.version:
-        raise errors.InvalidArgument("give the version to install (abflasherctl update 1.4.0) or --file IMAGE")
     if args.file and args.url:
         raise errors.InvalidArgument("--url and --file exclude each other")
     events = await client.subscribe()
@@ -239,7 +240,8 @@ async def cmd_update(client: ServiceClient, args: argparse.Namespace, out: Outpu
             if opened:
                 os.close(fd)
     else:
-        (job,) = await client.call("Update", "sa{sv}", [args.version, _update_options(args, from_file=False)],
+        # No version: the channel's newest.
+        (job,) = await client.call("Update", "sa{sv}", [args.version or "", _update_options(args, from_file=False)],
                                    mutating=True)
     out.json({"event": "job", "job": job})
     if args.detach:
@@ -267,11 +269,22 @@ async def cmd_check(client: ServiceClient, args: argparse.Namespace, out: Output
     values = unwrap(result)
     current, available = values.get("current", ""), values.get("available", "")
     update_available = bool(values.get("update-available", False))
-    out.json({"current": current, "available": available, "update_available": update_available})
+    release = {key.replace("-", "_"): value for key, value in values.items()
+               if key not in ("current", "available", "update-available")}
+    out.json({"current": current, "available": available, "update_available": update_available, **release})
     if update_available:
         out.text(f"update available: {available} (running {current}); install it: abflasherctl update {available}")
     else:
         out.text(f"up to date: running {current}" + (f" (newest is {available})" if available else ""))
+    if release:
+        out.text(f"signed by: {release.get('signer', '')}")
+        out.text(f"for: {release.get('compatible', '')}; image {human_bytes(int(release.get('size', 0)))}, "
+                 f"download {human_bytes(int(release.get('download_size', 0)))}")
+        notes = str(release.get("release_notes", "")).strip()
+        if notes:
+            out.text("release notes:")
+            for line in notes.splitlines():
+                out.text(f"  {line}")
     return 0
 
 
@@ -321,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Install VERSION (from the configured channel, or --url) or the image --file into the slot that "
         "is not running, verify it and arm a trial boot. Follows the progress until done; Ctrl-C cancels.",
     )
-    update.add_argument("version", metavar="VERSION", nargs="?", help="version to install, e.g. 1.4.0")
+    update.add_argument("version", metavar="VERSION", nargs="?",
+                        help="version to install, e.g. 1.4.0 (default: the channel's newest)")
     update.add_argument("--file", metavar="IMAGE", help="install this image file ('-' reads standard input)")
     update.add_argument("--url", help="download the image from this http(s) URL")
     update.add_argument("--sha256", metavar="HEX", help="expected sha256 of the image")
@@ -329,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--allow-downgrade", action="store_true", help="allow installing an older version")
     update.add_argument("--detach", action="store_true", help="start the update and return at once")
     commands.add_parser("check", parents=[common], help="ask the update channel whether a newer version exists")
+    info = commands.add_parser("info", parents=[common], help="inspect a bundle without installing it",
+                               description="Show a bundle's version, compatible string, sizes and whether its "
+                               "signature is trusted, without reading its image or asking the service.")
+    info.add_argument("bundle", metavar="FILE", help="the bundle (.bundle.tar)")
+    info.add_argument("--keys", metavar="ALLOWED_SIGNERS", default="/etc/ab-flasher/allowed_signers",
+                      help="trusted keys to check the signature against (default: the device's)")
     commands.add_parser("watch", parents=[common], help="follow the running update until it completes")
     cancel = commands.add_parser("cancel", parents=[common], help="stop the running update")
     cancel.add_argument("job", nargs="?", default="", help="job id (default: the running one)")
@@ -339,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("mark-bad", parents=[common], help="reject the booted trial slot")
     commands.add_parser("rollback", parents=[common], help="make the other good slot primary")
     return parser
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from abflasher.trust.commands import inspect_bundle, print_info
+
+    print_info(inspect_bundle(args.bundle, args.keys), args.json)
+    return 0
 
 
 async def _run(args: argparse.Namespace, out: Output) -> int:
@@ -383,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.no_ask_password = getattr(args, "no_ask_password", False)
     out = Output(sys.stdout, as_json=args.json)
     try:
+        if args.command == "info":
+            return cmd_info(args)
         return asyncio.run(_run(args, out))
     except errors.AbFlasherError as exc:
         message = str(exc) or exc.name

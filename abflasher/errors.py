@@ -103,6 +103,54 @@ class DeviceError(AbFlasherError):
     exit_code = 15
 
 
+# Refusals of signed updates (abflasher/trust/): each keeps its family's D-Bus name and exit code, so clients that
+# know the family keep working, and says in its message exactly what was refused.
+
+
+class Unsigned(Signature):
+    """Trusted keys are configured and the update carries no signature (a bare image, a channel without .sig)."""
+
+
+class UntrustedKey(Signature):
+    """The signature is valid but made by a key that is not in allowed_signers."""
+
+
+class KeyNotValid(Signature):
+    """The signing key is trusted only outside this time (its valid-after / valid-before in allowed_signers)."""
+
+
+class BadSignature(Signature):
+    """The signature does not match the signed data, or is not an OpenSSH signature for ab-flasher."""
+
+
+class Expired(Signature):
+    """The signed manifest's expiry is past (against the device's time floor)."""
+
+
+class Replay(Downgrade):
+    """The manifest is older than one this device has already accepted."""
+
+
+class BadBundle(BadImage):
+    """A bundle whose members are out of order, unknown, duplicated, of the wrong size or type, or missing."""
+
+
+class TruncatedBundle(BadBundle):
+    """The bundle ended before its last member did."""
+
+
+class BadManifest(BadImage):
+    """A manifest that is not valid JSON or breaks the manifest schema (docs/trust.md)."""
+
+
+class ManifestTooLarge(TooLarge):
+    """A manifest or a signature larger than any real one is (refused before it is read)."""
+
+
+class UnsupportedArtifact(Incompatible):
+    """An artifact this version of the engine cannot install (e.g. a delta index without the delta installer)."""
+
+
 ALL_ERRORS: tuple[type[AbFlasherError], ...] = (
     Internal,
     InvalidArgument,

@@ -16,6 +16,7 @@ The engine never imports D-Bus; the service runs ``run()`` in a worker thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -23,19 +24,24 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from abflasher import api, decisions, errors, newroot
+from abflasher.autoupdate import last_outcome_summary
 from abflasher.boot.fat import FatVolume
 from abflasher.commands import Runner, reboot_into_trial, reboot_normally, run_command
 from abflasher.config import Config
 from abflasher.device import DeviceReading, read_device, read_disk, state_path_in_root
 from abflasher.health import run_check, run_health_checks
 from abflasher.image import artifacts
+from abflasher.image.checksums import normalize_sha256
 from abflasher.image.locations import redact_url
 from abflasher.image.pipeline import Progress
+from abflasher.image.sources import ImageSource
 from abflasher.joblock import JobLock
 from abflasher.state import InstalledImage, SlotState, State, StateFile
+from abflasher.trust.policy import TrustRecord, check_manifest, device_compatibles
+from abflasher.trust.updates import SignedUpdate, channel_manifest_url, open_channel, open_update, trusted_keys
 from abflasher.version import compare_versions, parse_version
 
 log = logging.getLogger(__name__)
@@ -76,13 +82,16 @@ class Updater:
         return device.version(device.booted, self.config.root_path)
 
     def status(self) -> api.SystemStatus:
-        return _system_status(*self._read(), self.config.root_path)
+        status = _system_status(*self._read(), self.config.root_path)
+        return dataclasses.replace(status, auto_update=last_outcome_summary(self.config))
 
     # ----------------------------------------------------------------------------------------------- updating
 
     def prepare(self, request: api.UpdateRequest) -> api.PreparedUpdate:
-        if request.fd is None and not request.version:
-            raise errors.InvalidArgument("say which version to install (or upload an image)")
+        signed = trusted_keys(self.config) is not None
+        if request.fd is None and not request.version and not signed:
+            # No version: the channel's latest.
+            request = dataclasses.replace(request, version=artifacts.available_version(self.config))
         if request.version:
             parse_version(request.version)
         if request.sha256:
@@ -93,7 +102,12 @@ class Updater:
         target = decisions.update_target(device.snapshot, state)
         if request.version:
             decisions.check_version_order(request.version, self._booted_version(device), request.allow_downgrade)
-        image_url = "" if request.fd is not None else artifacts.image_url(self.config, request.url, request.version)
+        if request.fd is not None:
+            image_url = ""
+        elif signed:
+            image_url = request.url or channel_manifest_url(self.config)
+        else:
+            image_url = artifacts.image_url(self.config, request.url, request.version)
         # The description is stored, logged and shown to every bus client: never a password or token.
         description = "uploaded image" if request.fd is not None else redact_url(image_url)
         return api.PreparedUpdate(request, target, image_url, description)
@@ -123,27 +137,46 @@ class Updater:
         decisions.check_target(device.snapshot, prepared.target_slot)
         target = device.layout.slot(prepared.target_slot)
         newroot.unmount_leftovers(self.config, self._run)
-        expected = artifacts.expected_sha256(self.config, prepared, cancel)
-        if cancel.is_set():
-            raise errors.Cancelled("the update was cancelled")
+        # A signed update's manifest is verified and accepted before anything changes (abflasher/trust/).
+        incoming = self._open_signed(device, prepared, cancel)
+        signed = incoming if isinstance(incoming, SignedUpdate) else None
+        try:
+            if signed is not None:
+                expected: str | None = signed.image_artifact().sha256
+            else:
+                expected = artifacts.expected_sha256(self.config, prepared, cancel)
+            if cancel.is_set():
+                raise errors.Cancelled("the update was cancelled")
+        except BaseException:
+            if incoming is not None:
+                incoming.close()
+            raise
+        version_wanted = signed.manifest.version if signed is not None else request.version
 
         # From here on the target is not trusted until every step passed.
         device.boot.disarm()
-        self._record(device, target.name, SlotState.INCOMPLETE, version=request.version, sha256="",
+        self._record(device, target.name, SlotState.INCOMPLETE, version=version_wanted, sha256="",
                      time=int(time.time()), result="writing", source=prepared.description)
         source = None
+        streamed = False
         try:
             # Opened inside the try: a first request that fails is a failed install like any other.
-            source = artifacts.open_image(self.config, prepared, cancel)
+            if signed is not None:
+                source = signed.image(cancel)
+            elif incoming is not None:
+                source = cast(ImageSource, incoming)
+            else:
+                source = artifacts.open_image(self.config, prepared, cancel)
             result = install_image(
                 source,
                 target.root_device,
                 expected_sha256=expected,
                 gzip_impl=self.config.gzip_inflater,
-                source_size=request.size,
+                source_size=None if signed is not None else request.size,
                 progress=progress,
                 cancel=cancel,
             )
+            streamed = True
         except errors.ChecksumMismatch as exc:
             self._record(device, target.name, SlotState.BAD, result=f"failed: {exc}")
             raise
@@ -156,14 +189,16 @@ class Updater:
         finally:
             if source is not None:
                 source.close()
+            if signed is not None and not streamed:
+                signed.close()
 
         progress(Progress("configuring", 0, None, result.image_size))
-        installed = InstalledImage(version=request.version, sha256=result.sha256, time=int(time.time()),
+        installed = InstalledImage(version=version_wanted, sha256=result.sha256, time=int(time.time()),
                                    result="installed", source=prepared.description, size=result.image_size)
         try:
             version = newroot.fix_up_root(
                 self.config, self._run, device.layout, target,
-                requested=request.version,
+                requested=version_wanted,
                 allow_downgrade=request.allow_downgrade,
                 booted_version=lambda: self._booted_version(device),
                 carried_state=self._carried_state(device, target.name, installed),
@@ -171,7 +206,11 @@ class Updater:
             if cancel.is_set():
                 raise errors.Cancelled("the update was cancelled")
             with tempfile.TemporaryDirectory(prefix="boot-artifact-", dir=newroot.run_dir(self.config)) as tmp:
-                artifact = artifacts.fetch_boot_artifact(self.config, prepared, Path(tmp), cancel)
+                if signed is not None:
+                    artifact = signed.boot_artifact(Path(tmp), cancel)
+                    signed.finish()
+                else:
+                    artifact = artifacts.fetch_boot_artifact(self.config, prepared, Path(tmp), cancel)
                 device.boot.install_boot_files(target, device.booted, artifact)
             device.boot.set_trial(target.name)
         except (errors.BadImage, errors.Incompatible, errors.UpToDate, errors.Downgrade) as exc:
@@ -181,6 +220,9 @@ class Updater:
         except errors.AbFlasherError as exc:
             self._record(device, target.name, SlotState.INCOMPLETE, result=f"failed: {exc}")
             raise
+        finally:
+            if signed is not None:
+                signed.close()
         installed.version = version
         self._change(device, lambda state: decisions.armed(state, device.snapshot, target.name, installed))
         message = f"version {version} installed in slot {target.name}; reboot into it to try it"
@@ -190,6 +232,43 @@ class Updater:
             rebooting = True
             message = f"version {version} installed in slot {target.name}; rebooting into it on trial"
         return api.UpdateOutcome(target.name, version, result.sha256, rebooting, message)
+
+    def _open_signed(
+        self, device: DeviceReading, prepared: api.PreparedUpdate, cancel: threading.Event
+    ) -> SignedUpdate | ImageSource | None:
+        """The signed update (its manifest verified, checked against this device and recorded as seen and
+        accepted), an upload's plain image, or None for the simple mode's download (abflasher/trust/updates.py)."""
+        record = TrustRecord.of(self.state.load(device.other_state_copy, device.device_id))
+        incoming = open_update(self.config, prepared, cancel, at=record.floor(time.time()))
+        if not isinstance(incoming, SignedUpdate):
+            return incoming
+        try:
+            manifest = incoming.manifest
+            # Only a verified manifest is remembered (an unsigned bundle of the simple mode proves nothing): its
+            # creation time is proof of the time, even when it is refused below.
+            verified = incoming.verified.signer is not None
+            if verified:
+                self._change(device, lambda state: TrustRecord.of(state).seen(manifest).store(state))
+            request = prepared.request
+            check_manifest(
+                manifest, compatibles=device_compatibles(self.config), booted_version=self._booted_version(device),
+                requested_version=request.version, allow_downgrade=request.allow_downgrade,
+                record=record, now=time.time(), require_compatible=incoming.verified.signer is not None,
+            )
+            image = incoming.image_artifact()
+            if request.sha256 and normalize_sha256(request.sha256) != image.sha256:
+                raise errors.ChecksumMismatch(
+                    f"the sha256 given with the request is not the one the signed manifest gives its image "
+                    f"({image.sha256})"
+                )
+            if verified:
+                self._change(device, lambda state: TrustRecord.of(state).accepted(manifest).store(state))
+            log.info("update %s version %s signed by %s", incoming.description, manifest.version,
+                     incoming.verified.signer or "nobody (no trusted keys configured)")
+        except BaseException:
+            incoming.close()
+            raise
+        return incoming
 
     def _carried_state(
         self, device: DeviceReading, target: str, installed: InstalledImage
@@ -283,11 +362,30 @@ class Updater:
             self._change(device, lambda current: decisions.rolled_back(current, device.snapshot, plan))
 
     def check(self) -> api.CheckResult:
+        if trusted_keys(self.config) is not None:
+            return self._check_signed()
         available = artifacts.available_version(self.config)
         disk = read_disk(self.config, self._open_fat, with_state_copy=False)
         current = disk.version(disk.booted, self.config.root_path)
         newer = not current or compare_versions(available, current) > 0
         return api.CheckResult(current=current, available=available, update_available=newer)
+
+    def _check_signed(self) -> api.CheckResult:
+        """What the signed channel offers, its signature checked (at the device's time floor)."""
+        disk = read_disk(self.config, self._open_fat)
+        record = TrustRecord.of(self.state.load(disk.other_state_copy, disk.device_id))
+        offer = open_channel(self.config, channel_manifest_url(self.config), None, at=record.floor(time.time()))
+        manifest = offer.manifest
+        current = disk.version(disk.booted, self.config.root_path)
+        newer = not current or compare_versions(manifest.version, current) > 0
+        image = manifest.image()
+        return api.CheckResult(
+            current=current, available=manifest.version, update_available=newer,
+            signer=str(offer.verified.signer), compatible=manifest.compatible, created=manifest.created,
+            expires=manifest.expires or 0, size=image.size,
+            download_size=sum(a.compressed_size or 0 for a in manifest.artifacts if not a.is_delta),
+            release_notes=manifest.release_notes,
+        )
 
     # ----------------------------------------------------------------------------------------------- on boot
 

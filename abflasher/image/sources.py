@@ -109,6 +109,25 @@ class FdSource:
         self._fd = -1
 
 
+class PrefixedSource:
+    """``source`` with the bytes already read from it (to detect what it is) put back in front."""
+
+    def __init__(self, source: ImageSource, head: bytes) -> None:
+        self._source = source
+        self._head = head
+        self.size = source.size
+        self.description = source.description
+
+    def read(self, n: int) -> bytes:
+        if self._head:
+            data, self._head = self._head[:n], self._head[n:]
+            return data
+        return self._source.read(n)
+
+    def close(self) -> None:
+        self._source.close()
+
+
 def open_image_file(path: str | os.PathLike[str]) -> int:
     """A read-only fd on image file ``path`` (with the caller's own permissions); InvalidArgument saying why not."""
     where = os.fspath(path)

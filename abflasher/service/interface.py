@@ -244,6 +244,7 @@ class UpdaterInterface(GuardedInterface):
             "PrimarySlot": "",
             "BootedVersion": "",
             "TrialActive": False,
+            "AutoUpdate": "",
         }
 
     # --- plumbing -------------------------------------------------------------------------------------------------
@@ -280,6 +281,7 @@ class UpdaterInterface(GuardedInterface):
             PrimarySlot=status.primary_slot,
             BootedVersion=status.booted_version,
             TrialActive=status.trial_active,
+            AutoUpdate=status.auto_update,
         )
 
     async def shutdown(self, timeout: float) -> None:
@@ -463,19 +465,30 @@ class UpdaterInterface(GuardedInterface):
     @dbus_method(action=None, returns="a{sv}", out_names=("result",))
     async def Check(self) -> dict[str, Variant]:
         result = await self._check()
-        return {
+        reply = {
             "current": Variant("s", result.current),
             "available": Variant("s", result.available),
             "update-available": Variant("b", result.update_available),
         }
+        if result.signer:
+            # A signed channel's release: who signed it and what it is (docs/dbus-api.md).
+            reply.update({
+                "signer": Variant("s", result.signer),
+                "compatible": Variant("s", result.compatible),
+                "created": Variant("t", result.created),
+                "expires": Variant("t", result.expires),
+                "size": Variant("t", result.size),
+                "download-size": Variant("t", result.download_size),
+                "release-notes": Variant("s", result.release_notes),
+            })
+        return reply
 
     # A URL of the caller's choosing is an image of the caller's choosing: its own action.
     @dbus_method("s", "a{sv}", action=ACTION_UPDATE, option_actions={"url": ACTION_UPDATE_FROM_SOURCE}, returns="s",
                  out_names=("job",))
     async def Update(self, version: str, options: dict[str, Variant]) -> str:
         values = parse_options(options, UPDATE_OPTIONS)
-        if not version.strip():
-            raise errors.InvalidArgument("give the version to install, e.g. 1.4.0")
+        # An empty version: the channel's newest.
         return await self._submit(values, version=version.strip(), url=str(values.get("url", "")))
 
     @dbus_method("h", "a{sv}", action=ACTION_UPDATE_FROM_SOURCE, returns="s", out_names=("job",))
@@ -569,6 +582,7 @@ class UpdaterInterface(GuardedInterface):
     _primary_slot_property = dbus_cached_property("PrimarySlot", "s", str)
     _booted_version_property = dbus_cached_property("BootedVersion", "s", str)
     _trial_active_property = dbus_cached_property("TrialActive", "b", bool)
+    _auto_update_property = dbus_cached_property("AutoUpdate", "s", str)
 
 
 #: Every method of org.abflasher.Updater1 and the polkit action it needs (Update with a ``url`` option needs

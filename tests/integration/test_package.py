@@ -63,6 +63,9 @@ INSTALLED_FILES = (
     "/lib/systemd/system/ab-flasher.service",
     "/lib/systemd/system/ab-flasher-boot-check.service",
     "/lib/systemd/system/ab-flasher-trial-deadline.service",
+    "/lib/systemd/system/ab-flasher-update.timer",
+    "/lib/systemd/system/ab-flasher-update.service",
+    "/usr/lib/systemd/system-generators/ab-flasher-generator",
     "/usr/lib/systemd/system.conf.d/60-ab-flasher-watchdog.conf",
     "/usr/share/dbus-1/system.d/org.abflasher.Updater.conf",
     "/usr/share/dbus-1/system-services/org.abflasher.Updater.service",
@@ -104,6 +107,7 @@ EXPECTED_DEPENDS = {
     "fdisk",  # sfdisk
     "mount",  # mount/umount of a freshly written root
     "mtools",  # FAT edits on unmounted partitions
+    "openssh-client",  # ssh-keygen -Y verify / sign: signed updates (abflasher/trust/)
     "polkitd",  # authorization, and pkttyagent for abflasherctl
     "python3-dbus-next",
     "python3-requests",
@@ -115,6 +119,8 @@ EXPECTED_DEPENDS = {
 #: Recommends: installed by apt by default, each making ab-flasher faster or more capable, none needed to work.
 EXPECTED_RECOMMENDS = {
     "isal",  # igzip: gzip images inflate 4-6 times faster than with stdlib zlib
+    "xz-utils",  # ab-flasher bundle --compress xz
+    "zstd",  # ab-flasher bundle --compress zstd
 }
 
 #: lintian warnings that remain, with the reason they stay (also listed in docs/packaging.md).
@@ -226,13 +232,16 @@ printf '%s\\n' "${{COMPREPLY[@]}}"
 @pytest.mark.skipif(not BASH_COMPLETION.exists(), reason="bash-completion is not installed")
 def test_bash_completion() -> None:
     assert complete("abflasherctl", "abflasherctl ") == sorted(
-        ["status", "update", "check", "watch", "cancel", "reboot", "mark-good", "mark-bad", "rollback"]
+        ["status", "update", "check", "info", "watch", "cancel", "reboot", "mark-good", "mark-bad", "rollback"]
     )
     assert complete("abflasherctl", "abflasherctl up") == ["update"]
     assert complete("abflasherctl", "abflasherctl reboot t") == ["trial"]
     assert complete("abflasherctl", "abflasherctl --json update --a") == ["--allow-downgrade"]
     assert "--no-ask-password" in complete("abflasherctl", "abflasherctl mark-good --")
-    assert complete("ab-flasher", "ab-flasher ") == ["boot-check", "status", "trial-deadline", "write"]
+    assert complete("ab-flasher", "ab-flasher ") == ["auto-update", "boot-check", "bundle", "status",
+                                                     "trial-deadline", "write"]
+    assert complete("ab-flasher", "ab-flasher bundle img --compression z") == ["zstd"]
+    assert complete("abflasherctl", "abflasherctl info --k") == ["--keys"]
     assert complete("ab-flasher", "ab-flasher write --format z") == ["zstd"]
     assert complete("ab-flasher", "ab-flasher write --inflater zlib") == ["zlib", "zlib-ng"]
     assert "--sha256-url" in complete("ab-flasher", "ab-flasher write img.gz --sha")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import os
 import sys
@@ -92,7 +93,8 @@ class FakeUpdater:
         if request.version == "explode":
             raise RuntimeError("secret internals: /etc/shadow line 3")
         if request.fd is None and not request.version:
-            raise errors.InvalidArgument("give a version")
+            # As the engine does: no version is the channel's newest.
+            request = dataclasses.replace(request, version=self.check().available)
         booted = self.slots[self.booted].version
         if request.version and request.version == booted:
             raise errors.UpToDate(f"version {booted} is already running")

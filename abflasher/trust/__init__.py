@@ -1,0 +1,1 @@
+"""Signed updates: manifests, OpenSSH signatures, bundles, channels, rollback and freeze protection."""
