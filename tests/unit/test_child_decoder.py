@@ -193,6 +193,10 @@ def test_first_header_checked_like_the_in_process_decoder(spawned: _SpawnedProgr
 
 
 def test_cancel_kills_and_reaps_the_program(spawned: _SpawnedPrograms, image: bytes) -> None:
+    # The image's tail is withheld, so the program cannot have ended on its own when the cancel comes: it must be
+    # killed, whatever the machine's load.
+    from abflasher.image.sources import FdSource
+
     cancel = threading.Event()
 
     def on_progress(progress: Progress) -> None:
@@ -200,9 +204,28 @@ def test_cancel_kills_and_reaps_the_program(spawned: _SpawnedPrograms, image: by
             cancel.set()
 
     blob = compress(image, "gzip")
-    with pytest.raises(errors.Cancelled):
-        stream_image(BytesSource(blob, piece=4096), FileObjectWriter(io.BytesIO()), gzip_impl="igzip",
-                     progress=on_progress, cancel=cancel)
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        try:
+            os.write(write_fd, blob[:-65536])
+        except OSError:
+            pass  # the test closed the pipe after the cancel
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    # igzip may hold its output until a whole MiB of input has come: the timer cancels if progress never does.
+    timer = threading.Timer(1.0, cancel.set)
+    timer.start()
+    try:
+        with pytest.raises(errors.Cancelled):
+            stream_image(FdSource(read_fd, "pipe", cancel=cancel), FileObjectWriter(io.BytesIO()), gzip_impl="igzip",
+                         progress=on_progress, cancel=cancel)
+    finally:
+        timer.cancel()
+        os.close(read_fd)
+        feeder.join(timeout=10)
+        os.close(write_fd)
     assert spawned.started[0].returncode == -signal.SIGKILL
 
 
