@@ -61,6 +61,8 @@ class Progress:
     done: int
     total: int | None
     written: int
+    #: Bytes received over the network so far (a delta update's chunks); 0 where nothing is counted.
+    downloaded: int = 0
 
     @property
     def percent(self) -> int | None:
