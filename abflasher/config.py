@@ -82,6 +82,13 @@ class Config:
     #: Optional boot artifact URL ({version}): a boot partition image (autoboot) or a tarball (prefix).
     boot_artifact_url: str = ""
 
+    # Delta updates (docs/delta-updates.md): an image_url (or a request's url) ending in .caibx names a casync index.
+    #: The chunk store of the index ({version} and {image_url} are replaced); empty: casync's default,
+    #: default.castr next to the index.
+    delta_store_url: str = ""
+    #: Parallel connections to the chunk store.
+    delta_connections: int = 4
+
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def image_url_for(self, version: str) -> str:
@@ -90,6 +97,9 @@ class Config:
                 "no image URL: set image_url in /etc/ab-flasher/ab-flasher.conf or pass one with the request"
             )
         return self.image_url.replace("{version}", version)
+
+    def delta_store_url_for(self, version: str, image_url: str) -> str:
+        return self.delta_store_url.replace("{version}", version).replace("{image_url}", image_url)
 
     def checksum_url_for(self, version: str, image_url: str) -> str:
         return self.checksum_url.replace("{version}", version).replace("{image_url}", image_url)
@@ -150,6 +160,17 @@ def _validate(config: Config) -> None:
             raise errors.InvalidArgument(f"configuration option {name} = {value!r}: only http(s) URLs are allowed")
 
 
+def _validate_delta(config: Config) -> None:
+    if config.delta_store_url and not config.delta_store_url.startswith(("http://", "https://")):
+        raise errors.InvalidArgument(
+            f"configuration option delta_store_url = {config.delta_store_url!r}: only http(s) URLs are allowed"
+        )
+    if not 1 <= config.delta_connections <= 16:
+        raise errors.InvalidArgument(
+            f"configuration option delta_connections = {config.delta_connections}: use 1 to 16"
+        )
+
+
 def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, str] | None = None) -> Config:
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
     try:
@@ -169,6 +190,7 @@ def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, st
         kwargs[name] = _convert(name, raw, str(fields[name].type))
     config = Config(**kwargs, extra=extra)  # type: ignore[arg-type]
     _validate(config)
+    _validate_delta(config)
     return config
 
 

@@ -29,6 +29,7 @@ from abflasher import api, decisions, errors, newroot
 from abflasher.boot.fat import FatVolume
 from abflasher.commands import Runner, reboot_into_trial, reboot_normally, run_command
 from abflasher.config import Config
+from abflasher.delta import update as delta
 from abflasher.device import DeviceReading, read_device, read_disk, state_path_in_root
 from abflasher.health import run_check, run_health_checks
 from abflasher.image import artifacts
@@ -96,7 +97,9 @@ class Updater:
         image_url = "" if request.fd is not None else artifacts.image_url(self.config, request.url, request.version)
         # The description is stored, logged and shown to every bus client: never a password or token.
         description = "uploaded image" if request.fd is not None else redact_url(image_url)
-        return api.PreparedUpdate(request, target, image_url, description)
+        prepared = api.PreparedUpdate(request, target, image_url, description)
+        delta.check_request(self.config, prepared)
+        return prepared
 
     def run(
         self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event
@@ -115,7 +118,8 @@ class Updater:
     def _run_update(
         self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event
     ) -> api.UpdateOutcome:
-        from abflasher.install import install_image
+        from abflasher.delta.install import DeltaResult
+        from abflasher.install import InstallResult, install_image
 
         request = prepared.request
         progress(Progress("preparing", 0, None, 0))
@@ -127,23 +131,32 @@ class Updater:
         if cancel.is_set():
             raise errors.Cancelled("the update was cancelled")
 
+        # What each slot held, for a delta update's seeds, before the target is marked incomplete.
+        before = self.state.load(device.other_state_copy, device.device_id)
         # From here on the target is not trusted until every step passed.
         device.boot.disarm()
         self._record(device, target.name, SlotState.INCOMPLETE, version=request.version, sha256="",
                      time=int(time.time()), result="writing", source=prepared.description)
         source = None
+        result: InstallResult | DeltaResult
         try:
-            # Opened inside the try: a first request that fails is a failed install like any other.
-            source = artifacts.open_image(self.config, prepared, cancel)
-            result = install_image(
-                source,
-                target.root_device,
-                expected_sha256=expected,
-                gzip_impl=self.config.gzip_inflater,
-                source_size=request.size,
-                progress=progress,
-                cancel=cancel,
-            )
+            if delta.is_index_url(prepared.image_url):
+                result = delta.install_for_update(
+                    self.config, prepared, device=device, target=target, state=before, expected_sha256=expected,
+                    progress=progress, cancel=cancel,
+                )
+            else:
+                # Opened inside the try: a first request that fails is a failed install like any other.
+                source = artifacts.open_image(self.config, prepared, cancel)
+                result = install_image(
+                    source,
+                    target.root_device,
+                    expected_sha256=expected,
+                    gzip_impl=self.config.gzip_inflater,
+                    source_size=request.size,
+                    progress=progress,
+                    cancel=cancel,
+                )
         except errors.ChecksumMismatch as exc:
             self._record(device, target.name, SlotState.BAD, result=f"failed: {exc}")
             raise

@@ -44,6 +44,7 @@ from abflasher.service.contract import (
     OBJECT_PATH,
     REBOOT_MODES,
     RUNNING_STATES,
+    SOURCE_OPTION_ACTIONS,
     UPDATE_FROM_FD_OPTIONS,
     UPDATE_OPTIONS,
 )
@@ -469,8 +470,8 @@ class UpdaterInterface(GuardedInterface):
             "update-available": Variant("b", result.update_available),
         }
 
-    # A URL of the caller's choosing is an image of the caller's choosing: its own action.
-    @dbus_method("s", "a{sv}", action=ACTION_UPDATE, option_actions={"url": ACTION_UPDATE_FROM_SOURCE}, returns="s",
+    # A URL of the caller's choosing is an image of the caller's choosing: its own action (and so is a chunk store).
+    @dbus_method("s", "a{sv}", action=ACTION_UPDATE, option_actions=SOURCE_OPTION_ACTIONS, returns="s",
                  out_names=("job",))
     async def Update(self, version: str, options: dict[str, Variant]) -> str:
         values = parse_options(options, UPDATE_OPTIONS)
@@ -509,6 +510,7 @@ class UpdaterInterface(GuardedInterface):
             reboot=bool(values.get("reboot", False)),
             fd=fd,
             size=size,
+            store=str(values.get("store", "")),
         )
         return await self._start_job(request)
 
