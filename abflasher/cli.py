@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from abflasher import __version__, errors
 from abflasher.config import DEFAULT_PATH, load_config
+from abflasher.delta import cli as delta_cli
 from abflasher.image.formats import ImageFormat
 from abflasher.image.pipeline import Progress
 from abflasher.install import InstallResult, install_image
@@ -88,6 +89,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    delta_cli.add_commands(commands)
     return parser
 
 
@@ -277,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _trial_deadline(args)
         if args.command == "status":
             return _status(args)
+        if args.command in delta_cli.COMMANDS:
+            return delta_cli.run(args)
         result = _write(args)
     except errors.AbFlasherError as exc:
         if getattr(args, "json", False):

@@ -13,6 +13,7 @@ import hashlib
 import os
 import threading
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +25,7 @@ from abflasher.image.locations import check_http_url, redact_url
 if TYPE_CHECKING:
     from abflasher.api import PreparedUpdate
     from abflasher.config import Config
-    from abflasher.delta.install import DeltaResult, ProgressCallback
+    from abflasher.delta.install import DeltaResult, ProgressCallback, Seed
     from abflasher.delta.store import StoreOptions
     from abflasher.device import DeviceReading
     from abflasher.disk.slots import Slot
@@ -100,6 +101,8 @@ def install_from_index(
     expected_sha256: str | None,
     options: StoreOptions,
     slots: SlotsOnDevice | None = None,
+    seeds: Sequence[Seed] = (),
+    target_index: ChunkIndex | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     mountinfo: str = "/proc/self/mountinfo",
@@ -112,7 +115,8 @@ def install_from_index(
     ``expected_sha256`` is the sha256 of the image (compared before the image's first chunks are written, and with the
     read-back) or of the index file itself (which makes every chunk id, and so the image, trusted);
     ``expected_size`` the image's size, checked against the index before anything is written. ``slots`` says what
-    the device holds (None: a plain target, no seeds, nothing kept). Raises what `install_delta` raises.
+    the device holds (None: a plain target, nothing kept); ``seeds`` and ``target_index`` (what the target holds) are
+    given by hand (``ab-flasher write-delta``). Raises what `install_delta` raises.
     """
     # Imported here: reading an index URL is all the service needs at start, and the store loads requests.
     from abflasher.delta.install import Seed, install_delta
@@ -126,13 +130,12 @@ def install_from_index(
     if expected_image is not None and expected_image == hashlib.sha256(raw_index).hexdigest():
         expected_image = None  # the index itself is what the checksum vouches for, and it names every chunk
     store = ChunkStore(store_url or default_store_url(index_url), index.digest_name, options, cancel)
-    seeds: list[Seed] = []
-    target_index: ChunkIndex | None = None
+    seeds = list(seeds)
     if slots is not None:
         booted_index = kept.kept_index(slots.state_dir, slots.booted_sha256)
         if slots.booted_device and booted_index is not None:
             seeds.append(Seed(slots.booted_device, booted_index, "the booted slot"))
-        target_index = kept.kept_index(slots.state_dir, slots.target_sha256)
+        target_index = target_index or kept.kept_index(slots.state_dir, slots.target_sha256)
         if expected_image is not None and kept.building(slots.state_dir, slots.target_slot) == expected_image:
             target_index = index  # an earlier install of this very image stopped halfway: what it wrote is in place
         if expected_image is not None:

@@ -1,0 +1,147 @@
+"""The publisher's side of delta updates: the chunked form of an image, made with Debian's ``casync``.
+
+``make_delta(IMAGE, OUTDIR)`` writes ``OUTDIR/NAME.caibx`` (the index) and adds the image's chunks to
+``OUTDIR/default.castr`` (the store casync and ab-flasher use by default for an index in OUTDIR; chunks already there
+from earlier releases are shared, so each release adds only its new chunks), plus ``NAME.caibx.sha256`` (the index's
+sha256 in sha256sum format, which the default ``checksum_url`` template finds). A compressed image (gzip, xz, zstd,
+bzip2) is decompressed first, by the same decoder an install uses, into a temporary file beside the output (casync
+chunks only files and block devices).
+
+Chunks: casync's content-defined chunker, 16/64/256 KiB min/average/max (casync's default), SHA-256 ids (casync's
+default is SHA-512/256; SHA-256 is what the rest of ab-flasher uses, and what CPUs with SHA extensions hash fastest),
+zstd-compressed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from abflasher import errors
+from abflasher.delta.index import parse_index
+from abflasher.image.formats import ImageFormat, detect_format
+
+DEFAULT_CHUNK_SIZE = "16384:65536:262144"
+DEFAULT_DIGEST = "sha256"
+STORE_NAME = "default.castr"
+_CHUNK_SIZE_RE = re.compile(r"^\d+(:\d+:\d+)?$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_IMAGE_SUFFIXES = (".gz", ".xz", ".zst", ".bz2", ".img", ".raw", ".ext4")
+
+
+@dataclass(frozen=True)
+class PublishedDelta:
+    index: Path
+    store: Path
+    checksum_file: Path
+    image_size: int
+    image_sha256: str
+    index_sha256: str
+    chunks: int
+    digest: str
+
+    def manifest_artifact(self) -> dict[str, Any]:
+        """The artifact a signed manifest lists for this delta (URLs relative to the manifest in OUTDIR)."""
+        return {
+            "format": "caibx",
+            "url": self.index.name,
+            "store": self.store.name,
+            "size": self.image_size,
+            "sha256": self.image_sha256,
+        }
+
+
+def _name_for(image: Path) -> str:
+    name = image.name
+    while True:
+        stem = next((name[: -len(s)] for s in _IMAGE_SUFFIXES if name.endswith(s) and len(name) > len(s)), None)
+        if stem is None:
+            return name
+        name = stem
+
+
+def _raw_image(image: Path, workdir: Path) -> tuple[Path, int, str]:
+    """(a raw form of ``image``, its size, its sha256): the file itself, or its decompression into ``workdir``."""
+    from abflasher.image.sources import FileSource
+
+    source = FileSource(image)
+    try:
+        head = source.read(4096)
+    finally:
+        source.close()
+    if detect_format(head) is ImageFormat.RAW:
+        digest = hashlib.sha256()
+        size = 0
+        with open(image, "rb", buffering=0) as handle:
+            while piece := handle.read(4 << 20):
+                digest.update(piece)
+                size += len(piece)
+        return image, size, digest.hexdigest()
+    from abflasher.install import install_image
+
+    raw = workdir / "image.raw"
+    source = FileSource(image)
+    try:
+        result = install_image(source, raw, create=True, verify=False)
+    finally:
+        source.close()
+    return raw, result.image_size, result.sha256
+
+
+def make_delta(
+    image: str | os.PathLike[str],
+    outdir: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    chunk_size: str = DEFAULT_CHUNK_SIZE,
+    digest: str = DEFAULT_DIGEST,
+    casync: str = "casync",
+) -> PublishedDelta:
+    """Chunk ``image`` into ``outdir`` (see the module docstring); InvalidArgument or BadImage saying what is wrong."""
+    image_path = Path(image)
+    out = Path(outdir)
+    if not image_path.is_file():
+        raise errors.InvalidArgument(f"image {image_path} is not a file")
+    name = name or _name_for(image_path)
+    if not _NAME_RE.match(name):
+        raise errors.InvalidArgument(f"index name {name!r}: use letters, digits and . _ + - only")
+    if not _CHUNK_SIZE_RE.match(chunk_size):
+        raise errors.InvalidArgument(f"chunk size {chunk_size!r}: give AVG or MIN:AVG:MAX in bytes")
+    if digest not in ("sha256", "sha512-256"):
+        raise errors.InvalidArgument(f"digest {digest!r}: use sha256 or sha512-256")
+    if shutil.which(casync) is None:
+        raise errors.InvalidArgument("casync is not installed (apt install casync)")
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / f"{name}.caibx"
+    store = out / STORE_NAME
+    with tempfile.TemporaryDirectory(prefix=".make-delta-", dir=out) as tmp:
+        raw, size, image_sha256 = _raw_image(image_path, Path(tmp))
+        partial = Path(tmp) / index_path.name
+        command = [casync, "make", f"--store={store}", f"--chunk-size={chunk_size}", f"--digest={digest}",
+                   "--compression=zstd", str(partial), str(raw)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=24 * 3600)
+        except OSError as exc:
+            raise errors.InvalidArgument(f"cannot run casync: {exc.strerror}") from exc
+        if done.returncode != 0:
+            why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+            raise errors.BadImage(f"casync make failed: {why}")
+        data = partial.read_bytes()
+        index = parse_index(data, str(index_path))
+        if index.size != size:
+            raise errors.Internal(f"casync indexed {index.size} bytes of an image of {size}")
+        os.replace(partial, index_path)
+    index_sha256 = hashlib.sha256(data).hexdigest()
+    checksum = out / f"{index_path.name}.sha256"
+    with contextlib.suppress(FileNotFoundError):
+        checksum.unlink()
+    checksum.write_text(f"{index_sha256}  {index_path.name}\n", encoding="ascii")
+    return PublishedDelta(index_path, store, checksum, size, image_sha256, index_sha256, len(index), index.digest_label)
