@@ -168,10 +168,8 @@ def _expected_sha256(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _write(args: argparse.Namespace) -> InstallResult:
-    from abflasher.image.sources import open_source
-
-    expected = _expected_sha256(args)
+def cancel_on_signals() -> threading.Event:
+    """An event that SIGINT, SIGTERM and SIGHUP set, so a write stops cleanly (leaving the target invalid)."""
     cancel = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -179,6 +177,14 @@ def _write(args: argparse.Namespace) -> InstallResult:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    return cancel
+
+
+def _write(args: argparse.Namespace) -> InstallResult:
+    from abflasher.image.sources import open_source
+
+    expected = _expected_sha256(args)
+    cancel = cancel_on_signals()
     printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
     source = open_source(args.source)
     try:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
-from types import FrameType
 from typing import Any
 
 from abflasher import errors
@@ -92,7 +89,7 @@ def _make(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace) -> int:
-    from abflasher.cli import ProgressPrinter
+    from abflasher.cli import ProgressPrinter, cancel_on_signals
     from abflasher.delta.install import Seed
     from abflasher.delta.store import StoreOptions
     from abflasher.delta.update import install_from_index
@@ -106,13 +103,7 @@ def _write(args: argparse.Namespace) -> int:
             raise errors.InvalidArgument(f"--seed {spec!r}: give PATH=INDEX")
         seeds.append(Seed(path, _read_index(index), path))
     target_index = _read_index(args.target_index) if args.target_index else None
-    cancel = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        cancel.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    cancel = cancel_on_signals()
     printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
     try:
         result = install_from_index(

@@ -117,6 +117,7 @@ class _Builder:
                 break
             self.hold_end = chunk.end
         self.held: list[tuple[int, bytes]] = []
+        self.held_in_place: dict[bytes, bytes] = {}
         # Where each chunk id may be found: in the seeds, and in the target's old content.
         self.in_seeds: dict[bytes, list[tuple[int, int]]] = {}
         for number, (_, seed) in enumerate(seeds):
@@ -164,6 +165,14 @@ class _Builder:
     # -- building ------------------------------------------------------------------------------------------------
 
     def run(self, fetcher: ChunkFetcher, planned: set[bytes]) -> None:
+        # The held chunks the target holds in place are read before their region is zeroed.
+        for chunk in self.index:
+            if chunk.offset >= self.hold_end:
+                break
+            data = self._in_place(chunk)
+            if data is not None:
+                self.in_place -= chunk.size  # they are written again, at the end
+                self.held_in_place[chunk.id] = data
         self._zero(0, self.hold_end)
         for chunk in self.index:
             if self.cancel.is_set():
@@ -221,6 +230,8 @@ class _Builder:
         if chunk.id in planned:
             planned.discard(chunk.id)
             return fetcher.take(chunk)
+        if chunk.id in self.held_in_place:
+            return self.held_in_place[chunk.id]
         if chunk.id in self.built:
             data = self._checked(self.device, self.built[chunk.id], chunk)
             if data is not None:

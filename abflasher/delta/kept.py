@@ -17,12 +17,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from abflasher import errors
 from abflasher.delta.index import ChunkIndex, parse_index
+from abflasher.state import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +32,6 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def _folder(state_dir: str | os.PathLike[str]) -> Path:
     return Path(state_dir) / FOLDER
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def kept_index(state_dir: str | os.PathLike[str], image_sha256: str | None) -> ChunkIndex | None:
@@ -68,7 +53,7 @@ def keep_index(state_dir: str | os.PathLike[str], image_sha256: str, index: Chun
                still_used: Iterable[str | None] = ()) -> None:
     """Keep ``index`` as the one of image ``image_sha256``; drop every kept index not of it nor of ``still_used``."""
     folder = _folder(state_dir)
-    _write_atomically(folder / f"{image_sha256}.caibx", index.to_bytes())
+    write_atomically(folder / f"{image_sha256}.caibx", index.to_bytes())
     wanted = {f"{sha}.caibx" for sha in (image_sha256, *still_used) if sha}
     for path in folder.glob("*.caibx"):
         if path.name not in wanted:
@@ -92,7 +77,7 @@ def set_building(state_dir: str | os.PathLike[str], slot: str, image_sha256: str
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return
-    _write_atomically(path, image_sha256.encode("ascii") + b"\n")
+    write_atomically(path, image_sha256.encode("ascii") + b"\n")
 
 
 def carry_indexes(state_dir: str | os.PathLike[str], new_state_dir: Path) -> None:
