@@ -1,24 +1,24 @@
 """Build a slot from a casync index: chunks already in place are left alone, chunks the device holds are copied from
 where they are (each checked against its id first), only the rest is downloaded; then the whole slot is read back.
 
-Where a chunk comes from, in this order (docs/delta-updates.md):
+The plan (delta/plan.py) orders the chunks so that the target's old content can serve as a source without anything
+being read after it was overwritten, and says which chunks no local copy will provide. Each chunk then comes from
+the first place that has it:
 
 1. **in place**: the target slot's old index says the same chunk is already at the same offset, and reading it there
    gives bytes whose digest is the chunk's id: nothing is written (SD-card wear);
-2. **already built**: an earlier chunk of the new image with the same id, read back from the target;
-3. **a seed**: a slot (the booted one, read-only) whose index says it holds the chunk; it may have changed since
-   (a mounted file system does), so the bytes read are used only when their digest is the chunk's id;
-4. **the target's old content elsewhere**: only at or after the offset being written, and after the held region, since
-   the slot is built front to back: nothing there has been overwritten yet, so no chunk is read after being
-   overwritten;
-5. **the store**: fetched ahead of need on a few parallel connections (`delta/store.py`), each checked against its id.
+2. **the target's old content elsewhere**, where the plan put the copy before any write into its source (or read it
+   into memory ahead, to break a cycle);
+3. **already built**: an earlier chunk of the new image with the same id, read back from the target;
+4. **a seed**: a slot (the booted one, read-only) whose index says it holds the chunk; it may have changed since (a
+   mounted file system does), so the bytes read are used only when their digest is the chunk's id;
+5. **the store**: fetched ahead of need on a few parallel connections (delta/store.py), each checked against its id.
 
 Chunks of zeros are never fetched: where the target does not read as zeros already they are zeroed (BLKZEROOUT, a
-punched hole). As in the full install the
-image's start (the chunks beginning in the first `HOLD_BYTES`: the superblock or partition table) is zeroed first
-and written last, after the image's sha256, computed over the chunks in order, matched the expected one; so an
-install that fails or is cancelled leaves a slot that nothing mistakes for a file system. At the end the whole slot
-is read back with O_DIRECT and its sha256 must equal the image's.
+punched hole). As in the full install, the image's start (the chunks beginning in its first `HOLD_BYTES`: the
+superblock or partition table) is zeroed first and written last: the whole slot is read back with O_DIRECT (the held
+start from memory) and its sha256 must equal the image's before the start is written, so an install that fails, is
+cancelled or builds another image leaves a slot that nothing mistakes for a file system.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from abflasher import errors
 from abflasher.delta.index import Chunk, ChunkIndex
+from abflasher.delta.plan import Kind, Plan, Step, make_plan
 from abflasher.delta.store import ChunkFetcher, ChunkStore
 from abflasher.disk.blockdev import ReadbackVerifier, Target, open_target, set_direct, zero_range
 from abflasher.image.pipeline import Progress
@@ -97,127 +98,94 @@ class _Device:
 
 
 class _Builder:
-    """One delta install: the plan (which chunks must be fetched) and the pass that builds the slot front to back."""
+    """One delta install: carries out the plan's steps (delta/plan.py), each chunk from the first place that has it."""
 
-    def __init__(self, index: ChunkIndex, store: ChunkStore, target: Target, *,
-                 seeds: Sequence[tuple[_Device, Seed]], target_index: ChunkIndex | None,
-                 progress: ProgressCallback | None, cancel: threading.Event) -> None:
+    def __init__(self, index: ChunkIndex, plan: Plan, store: ChunkStore, target: Target, *,
+                 seeds: Sequence[tuple[_Device, Seed]], progress: ProgressCallback | None,
+                 cancel: threading.Event) -> None:
         self.index = index
+        self.plan = plan
+        self.chunks = plan.chunks
         self.store = store
         self.target = target
         self.device = _Device(target.fd, target.path)
         self.seeds = seeds
         self.progress = progress
         self.cancel = cancel
-        self.hash = hashlib.sha256()
         self.written = self.zeroed = self.in_place = self.from_seeds = self.seed_rejected = 0
-        self.hold_end = 0
-        for chunk in index:
-            if chunk.offset >= HOLD_BYTES:
-                break
-            self.hold_end = chunk.end
+        self.done = 0
+        #: The held chunks in image order, once known; the region they cover is written last.
         self.held: list[tuple[int, bytes]] = []
         self.held_in_place: dict[bytes, bytes] = {}
-        # Where each chunk id may be found: in the seeds, and in the target's old content.
+        #: Chunks of the old content read ahead of their turn (plan.py), by id.
+        self.stash: dict[bytes, bytes] = {}
+        #: Where each chunk id may be found in the seeds.
         self.in_seeds: dict[bytes, list[tuple[int, int]]] = {}
         for number, (_, seed) in enumerate(seeds):
             for chunk in seed.index:
                 places = self.in_seeds.setdefault(chunk.id, [])
                 if len(places) < 2:
                     places.append((number, chunk.offset))
-        self.old_at: dict[int, tuple[int, bytes]] = {}
-        self.old_by_id: dict[bytes, list[int]] = {}
-        if target_index is not None and target_index.digest_name == index.digest_name:
-            for chunk in target_index:
-                self.old_at[chunk.offset] = (chunk.size, chunk.id)
-                self.old_by_id.setdefault(chunk.id, []).append(chunk.offset)
         #: Chunks of the new image already on the target (written or found in place), by id: their offset.
         self.built: dict[bytes, int] = {}
-        self._zero_ids: dict[int, bytes] = {}
         self._reported = 0.0
 
-    # -- the plan ------------------------------------------------------------------------------------------------
-
-    def zero_id(self, size: int) -> bytes:
-        if size not in self._zero_ids:
-            self._zero_ids[size] = self.index.digest(bytes(size))
-        return self._zero_ids[size]
-
-    def _old_elsewhere(self, chunk: Chunk) -> list[int]:
-        """Offsets of the target's old content holding ``chunk`` that are still intact when it is written."""
-        floor = max(chunk.offset, self.hold_end)
-        return [offset for offset in self.old_by_id.get(chunk.id, ()) if offset >= floor]
-
-    def to_fetch(self) -> list[Chunk]:
-        """The chunks that no local copy is expected to provide, first occurrences only, in the order needed."""
-        planned: list[Chunk] = []
-        seen: set[bytes] = set()
-        for chunk in self.index:
-            known = chunk.id in seen
-            seen.add(chunk.id)
-            if known or chunk.id == self.zero_id(chunk.size) or chunk.id in self.in_seeds:
-                continue
-            if self.old_at.get(chunk.offset) == (chunk.size, chunk.id) or self._old_elsewhere(chunk):
-                continue
-            planned.append(chunk)
-        return planned
-
-    # -- building ------------------------------------------------------------------------------------------------
-
-    def run(self, fetcher: ChunkFetcher, planned: set[bytes]) -> None:
+    def run(self, fetcher: ChunkFetcher) -> None:
+        planned = {chunk.id for chunk in self.plan.fetch}
+        held_steps = [step for step in self.plan.steps if step.kind is Kind.HELD]
         # The held chunks the target holds in place are read before their region is zeroed.
-        for chunk in self.index:
-            if chunk.offset >= self.hold_end:
-                break
-            data = self._in_place(chunk)
+        for step in held_steps:
+            chunk = self.chunks[step.number]
+            data = self._checked(self.device, chunk.offset, chunk)
             if data is not None:
-                self.in_place -= chunk.size  # they are written again, at the end
                 self.held_in_place[chunk.id] = data
-        self._zero(0, self.hold_end)
-        for chunk in self.index:
+        self._zero(0, self.plan.hold_end)
+        for step in self.plan.steps:
             if self.cancel.is_set():
                 raise errors.Cancelled("the install was cancelled")
-            held = chunk.offset < self.hold_end
-            if chunk.id == self.zero_id(chunk.size):
-                self.hash.update(bytes(chunk.size))
-                if held:
-                    continue  # the held region is zeroed already
-                # Reading is free of wear, and zeroing may not be (a card without WRITE ZEROES gets zeros written).
-                if self.device.read(chunk.offset, chunk.size).count(0) == chunk.size:
-                    self.in_place += chunk.size
-                else:
-                    self._zero(chunk.offset, chunk.size)
-                    self.zeroed += chunk.size
-            elif not held and (data := self._in_place(chunk)) is not None:
-                self.hash.update(data)
+            for number, offset in step.stash:
+                stashed = self.chunks[number]
+                data = self._checked(self.device, offset, stashed)
+                if data is not None:
+                    self.stash[stashed.id] = data
+            chunk = self.chunks[step.number]
+            self._build(step, chunk, fetcher, planned)
+            self.done += chunk.size
+            self.report(self.done)
+
+    def _build(self, step: Step, chunk: Chunk, fetcher: ChunkFetcher, planned: set[bytes]) -> None:
+        if step.kind is Kind.HELD:
+            data = self.held_in_place.get(chunk.id)
+            self.held.append((chunk.offset, data if data is not None else self._obtain(chunk, fetcher, planned)))
+            return
+        if step.kind is Kind.ZERO:
+            # Reading is free of wear, and zeroing may not be (a card without WRITE ZEROES gets zeros written).
+            if self.device.read(chunk.offset, chunk.size).count(0) == chunk.size:
+                self.in_place += chunk.size
             else:
-                data = self._obtain(chunk, fetcher, planned)
-                self.hash.update(data)
-                if held:
-                    self.held.append((chunk.offset, data))
-                    continue
-                self.device.write(chunk.offset, data)
-                self.written += chunk.size
-            if not held:
-                self.built.setdefault(chunk.id, chunk.offset)
-            self.report(chunk.end)
+                self._zero(chunk.offset, chunk.size)
+                self.zeroed += chunk.size
+            return
+        data = None
+        if step.kind is Kind.IN_PLACE and self._checked(self.device, chunk.offset, chunk) is not None:
+            self.in_place += chunk.size
+            self.built.setdefault(chunk.id, chunk.offset)
+            return
+        if step.kind is Kind.OLD:
+            data = self._checked(self.device, step.source, chunk)
+            if data is not None:
+                self.from_seeds += chunk.size
+        if data is None:
+            data = self._obtain(chunk, fetcher, planned)
+        self.device.write(chunk.offset, data)
+        self.written += chunk.size
+        self.built.setdefault(chunk.id, chunk.offset)
 
     def report(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
         if self.progress is not None and (force or now - self._reported >= PROGRESS_INTERVAL):
             self._reported = now
             self.progress(Progress("writing", done, self.index.size, self.written, self.store.downloaded))
-
-    def _in_place(self, chunk: Chunk) -> bytes | None:
-        """The chunk's bytes when the target already holds them at its offset (its old index says so and the
-        bytes there match the id); None otherwise."""
-        if self.old_at.get(chunk.offset) != (chunk.size, chunk.id):
-            return None
-        data = self.device.read(chunk.offset, chunk.size)
-        if len(data) != chunk.size or self.index.digest(data) != chunk.id:
-            return None
-        self.in_place += chunk.size
-        return data
 
     def _checked(self, device: _Device, offset: int, chunk: Chunk) -> bytes | None:
         data = device.read(offset, chunk.size)
@@ -230,8 +198,13 @@ class _Builder:
         if chunk.id in planned:
             planned.discard(chunk.id)
             return fetcher.take(chunk)
-        if chunk.id in self.held_in_place:
-            return self.held_in_place[chunk.id]
+        data = self.stash.pop(chunk.id, None)
+        if data is not None:
+            self.from_seeds += chunk.size
+            return data
+        for _, held in self.held:
+            if len(held) == chunk.size and self.index.digest(held) == chunk.id:
+                return held
         if chunk.id in self.built:
             data = self._checked(self.device, self.built[chunk.id], chunk)
             if data is not None:
@@ -243,14 +216,6 @@ class _Builder:
                 self.from_seeds += chunk.size
                 return data
             self.seed_rejected += 1
-        for offset in self._old_elsewhere(chunk):
-            data = self._checked(self.device, offset, chunk)
-            if data is not None:
-                self.from_seeds += chunk.size
-                return data
-        for _, data in self.held:
-            if self.index.digest(data) == chunk.id and len(data) == chunk.size:
-                return data
         return fetcher.fetch_now(chunk)
 
     def _zero(self, offset: int, length: int) -> None:
@@ -260,6 +225,9 @@ class _Builder:
             zeros = bytes(min(length, 1 << 20))
             for position in range(offset, offset + length, len(zeros)):
                 self.device.write(position, zeros[: min(len(zeros), offset + length - position)])
+
+    def held_bytes(self) -> bytes:
+        return b"".join(data for _, data in sorted(self.held))
 
     def write_held(self) -> None:
         for offset, data in self.held:
@@ -282,7 +250,6 @@ def install_delta(
     expected_sha256: str | None = None,
     seeds: Sequence[Seed] = (),
     target_index: ChunkIndex | None = None,
-    verify: bool = True,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     mountinfo: str = "/proc/self/mountinfo",
@@ -319,29 +286,30 @@ def install_delta(
                     continue  # a seed is an offer, not a requirement
                 stack.callback(os.close, fd)
                 opened_seeds.append((_Device(fd, seed.path), seed))
-            builder = _Builder(index, store, opened, seeds=opened_seeds, target_index=target_index,
-                               progress=progress, cancel=cancel)
-            planned = builder.to_fetch()
-            fetcher = ChunkFetcher(store, planned)
+            plan = make_plan(index, target_index=target_index, hold_bytes=HOLD_BYTES,
+                             seed_ids={chunk.id for _, seed in opened_seeds for chunk in seed.index})
+            builder = _Builder(index, plan, store, opened, seeds=opened_seeds, progress=progress, cancel=cancel)
+            fetcher = ChunkFetcher(store, plan.fetch)
             try:
-                builder.run(fetcher, {chunk.id for chunk in planned})
+                builder.run(fetcher)
             finally:
                 fetcher.close()
             for device, _ in opened_seeds:
                 with contextlib.suppress(OSError):
                     os.posix_fadvise(device.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        image_sha256 = builder.hash.hexdigest()
-        if expected is not None and image_sha256 != expected:
-            builder.sync()
-            raise errors.ChecksumMismatch(
-                f"sha256 mismatch: expected {expected}, the chunks of the index make {image_sha256}; "
-                "the target was left incomplete"
-            )
-        builder.write_held()
         builder.sync()
         builder.report(index.size, force=True)
-        if verify:
-            _read_back(opened.path, index.size, image_sha256, progress, cancel)
+
+        def write_held() -> None:
+            builder.write_held()
+            builder.sync()
+
+        # The verify reads with O_DIRECT from where the block it holds in memory ends: a whole number of pages.
+        held = builder.held_bytes()
+        aligned = min(index.size, -(-len(held) // 4096) * 4096)
+        held += builder.device.read(len(held), aligned - len(held))
+        image_sha256 = _read_back(opened.path, index, held=held, expected=expected,
+                                  write_held=write_held, progress=progress, cancel=cancel)
         with contextlib.suppress(OSError):
             os.posix_fadvise(opened.fd, 0, 0, os.POSIX_FADV_DONTNEED)
     return DeltaResult(
@@ -354,27 +322,72 @@ def install_delta(
         in_place=builder.in_place,
         from_seeds=builder.from_seeds,
         seed_rejected=builder.seed_rejected,
-        verified=verify,
+        verified=True,
         seconds=time.monotonic() - started,
     )
 
 
-def _read_back(path: str, size: int, image_sha256: str, progress: ProgressCallback | None,
-               cancel: threading.Event) -> None:
-    """The existing read-back verify over the whole image, straight from the device."""
-    verifier = ReadbackVerifier(path, cancel=cancel)
+def _read_back(
+    path: str,
+    index: ChunkIndex,
+    *,
+    held: bytes,
+    expected: str | None,
+    write_held: Callable[[], None],
+    progress: ProgressCallback | None,
+    cancel: threading.Event,
+) -> str:
+    """Read the whole target back (the held start from memory: it is not written yet) and prove it is the image:
+    its sha256 equal to ``expected``, or, when the index itself is what was trusted, every chunk equal to its id.
+    Only then the held start is written, and compared on the device. Returns the image's sha256."""
+    size = index.size
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(Progress("verifying", done, size, size))
+
+    if expected is None:
+        actual = _read_back_by_chunks(path, index, held, report)
+    else:
+        verifier = ReadbackVerifier(path, cancel=cancel)
+        try:
+            verifier.first_block(memoryview(held))
+            actual = verifier.image_hash(size, report)
+        finally:
+            verifier.close()
+        if actual != expected:
+            raise errors.ChecksumMismatch(
+                f"sha256 mismatch: expected {expected}, the chunks of the index make {actual}; the target was left "
+                "incomplete"
+            )
+    write_held()
+    with open(path, "rb", buffering=0) as device:
+        os.posix_fadvise(device.fileno(), 0, len(held), os.POSIX_FADV_DONTNEED)
+        if device.read(len(held)) != held:
+            raise errors.ChecksumMismatch(
+                f"read-back verification of {path} failed: its first {len(held)} bytes differ from what was written "
+                "(failing medium?)"
+            )
+    return actual
+
+
+def _read_back_by_chunks(path: str, index: ChunkIndex, held: bytes, report: Callable[[int], None]) -> str:
+    """The image's sha256 as the device holds it, every chunk after the held ones checked against its id."""
+    digest = hashlib.sha256(held)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        verifier.first_block(memoryview(b""))
-
-        def report(done: int) -> None:
-            if progress is not None:
-                progress(Progress("verifying", done, size, size))
-
-        actual = verifier.finish(size, report)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for chunk in index:
+            if chunk.offset < len(held):
+                continue
+            data = os.pread(fd, chunk.size, chunk.offset)
+            if len(data) != chunk.size or index.digest(data) != chunk.id:
+                raise errors.ChecksumMismatch(
+                    f"read-back verification of {path} failed at byte {chunk.offset}: the device does not hold chunk "
+                    f"{chunk.hex} there (failing medium?)"
+                )
+            digest.update(data)
+            report(chunk.end)
     finally:
-        verifier.close()
-    if actual != image_sha256:
-        raise errors.ChecksumMismatch(
-            f"read-back verification of {path} failed: the device holds {actual} for the first {size} bytes, "
-            f"{image_sha256} was written (failing medium?)"
-        )
+        os.close(fd)
+    return digest.hexdigest()

@@ -7,9 +7,10 @@ sha256 in sha256sum format, which the default ``checksum_url`` template finds). 
 bzip2) is decompressed first, by the same decoder an install uses, into a temporary file beside the output (casync
 chunks only files and block devices).
 
-Chunks: casync's content-defined chunker, 16/64/256 KiB min/average/max (casync's default), SHA-256 ids (casync's
-default is SHA-512/256; SHA-256 is what the rest of ab-flasher uses, and what CPUs with SHA extensions hash fastest),
-zstd-compressed.
+Chunks: casync's content-defined chunker with 4/16/64 KiB min/average/max (casync's default is 16/64/256 KiB: on
+an ext4 root with 10 % of its files changed, 16 KiB chunks download 12.6 % of the gzipped image where 64 KiB chunks
+download 17 %, bench/delta_bench.py), SHA-256 ids (casync's default is SHA-512/256; SHA-256 is what the rest of
+ab-flasher uses, and what CPUs with SHA extensions hash fastest), zstd-compressed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from abflasher import errors
 from abflasher.delta.index import parse_index
 from abflasher.image.formats import ImageFormat, detect_format
 
-DEFAULT_CHUNK_SIZE = "16384:65536:262144"
+DEFAULT_CHUNK_SIZE = "4096:16384:65536"
 DEFAULT_DIGEST = "sha256"
 STORE_NAME = "default.castr"
 _CHUNK_SIZE_RE = re.compile(r"^\d+(:\d+:\d+)?$")

@@ -43,7 +43,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _RETRYABLE_STATUSES = frozenset({408, 429})
 _READ_PIECE = 64 << 10
 #: Uncompressed bytes the fetcher may hold ahead of the installer.
-FETCH_BUDGET = 16 << 20
+FETCH_BUDGET = 8 << 20
 
 
 def default_store_url(index_url: str) -> str:
