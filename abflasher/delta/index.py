@@ -37,7 +37,7 @@ MAX_CHUNK_SIZE = 16 << 20
 MAX_CHUNKS = 1 << 26
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """One chunk of the blob: where it is, how long, and its id (the digest of its uncompressed bytes)."""
 

@@ -119,13 +119,11 @@ class _Builder:
         self.held_in_place: dict[bytes, bytes] = {}
         #: Chunks of the old content read ahead of their turn (plan.py), by id.
         self.stash: dict[bytes, bytes] = {}
-        #: Where each chunk id may be found in the seeds.
-        self.in_seeds: dict[bytes, list[tuple[int, int]]] = {}
+        #: Where each chunk id may be found in the seeds: (seed number, offset).
+        self.in_seeds: dict[bytes, tuple[int, int]] = {}
         for number, (_, seed) in enumerate(seeds):
             for chunk in seed.index:
-                places = self.in_seeds.setdefault(chunk.id, [])
-                if len(places) < 2:
-                    places.append((number, chunk.offset))
+                self.in_seeds.setdefault(chunk.id, (number, chunk.offset))
         #: Chunks of the new image already on the target (written or found in place), by id: their offset.
         self.built: dict[bytes, int] = {}
         self._reported = 0.0
@@ -210,7 +208,8 @@ class _Builder:
             if data is not None:
                 self.from_seeds += chunk.size
                 return data
-        for number, offset in self.in_seeds.get(chunk.id, ()):
+        if chunk.id in self.in_seeds:
+            number, offset = self.in_seeds[chunk.id]
             data = self._checked(self.seeds[number][0], offset, chunk)
             if data is not None:
                 self.from_seeds += chunk.size

@@ -35,7 +35,7 @@ class Kind(enum.Enum):
     OTHER = "other"  # built earlier in this install, a seed, a stash, or the store
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Step:
     number: int  # the chunk's number in the new index
     kind: Kind
@@ -100,7 +100,7 @@ def make_plan(
 
     # Each copy must come before every write into its source.
     starts = [chunk.offset for chunk in chunks]
-    successors: list[list[int]] = [[] for _ in range(count)]
+    successors: dict[int, list[int]] = {}
     waiting = [0] * count
     copies = [number for number in range(count) if kinds[number] is Kind.OLD]
     for number in copies:
@@ -108,7 +108,7 @@ def make_plan(
         other = bisect.bisect_right(starts, source) - 1
         while other < count and starts[other] < end:
             if other != number:
-                successors[number].append(other)
+                successors.setdefault(number, []).append(other)
                 waiting[other] += 1
             other += 1
 
@@ -122,16 +122,15 @@ def make_plan(
     next_copy = 0
 
     def release(number: int) -> None:
-        for other in successors[number]:
+        for other in successors.pop(number, ()):
             waiting[other] -= 1
             if waiting[other] == 0 and not done[other]:
                 heapq.heappush(ready, (starts[other], other))
-        successors[number] = []
 
     while remaining:
         if not ready:
             # A cycle: give up the lowest copy still waiting to be read.
-            while done[copies[next_copy]] or not successors[copies[next_copy]]:
+            while done[copies[next_copy]] or copies[next_copy] not in successors:
                 next_copy += 1
             victim = copies[next_copy]
             size = chunks[victim].size
