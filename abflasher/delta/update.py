@@ -10,6 +10,7 @@ target (`delta/install.py`) and keeps the new index for the next update.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import urllib.parse
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from abflasher.disk.slots import Slot
     from abflasher.state import State
 
+log = logging.getLogger(__name__)
+
 #: An index larger than this describes more than any slot holds (40 bytes a chunk).
 MAX_INDEX_BYTES = 64 << 20
 INDEX_SUFFIX = ".caibx"
@@ -51,6 +54,9 @@ class SlotsOnDevice:
     target_sha256: str | None = None
     booted_device: str | None = None
     booted_sha256: str | None = None
+    #: Where the index of the booted slot's release is published, for a booted slot whose image has no kept index
+    #: (installed in full): it is only a hint, as every chunk read from the slot is checked against its id.
+    booted_index_url: str | None = None
 
 
 def store_options(config: Config) -> StoreOptions:
@@ -90,6 +96,17 @@ def fetch_index(index_url: str, options: StoreOptions, cancel: threading.Event |
     if len(data) > MAX_INDEX_BYTES:
         raise errors.BadImage(f"index {redact_url(index_url)} is larger than {MAX_INDEX_BYTES} bytes: refusing it")
     return data
+
+
+def _published_index(url: str, options: StoreOptions, cancel: threading.Event) -> ChunkIndex | None:
+    """The index at ``url``, or None when it cannot be had (a seed is an offer, not a requirement)."""
+    try:
+        return parse_index(fetch_index(url, options, cancel), f"index {redact_url(url)}")
+    except errors.Cancelled:
+        raise
+    except errors.AbFlasherError as exc:
+        log.info("no index of the booted slot's release: %s", exc)
+        return None
 
 
 def install_from_index(
@@ -133,6 +150,8 @@ def install_from_index(
     seeds = list(seeds)
     if slots is not None:
         booted_index = kept.kept_index(slots.state_dir, slots.booted_sha256)
+        if booted_index is None and slots.booted_index_url:
+            booted_index = _published_index(slots.booted_index_url, options, cancel)
         if slots.booted_device and booted_index is not None:
             seeds.append(Seed(slots.booted_device, booted_index, "the booted slot"))
         target_index = target_index or kept.kept_index(slots.state_dir, slots.target_sha256)
@@ -199,6 +218,7 @@ def install_for_update(
         target_sha256=held(target.name),
         booted_device=device.booted.root_device,
         booted_sha256=held(device.booted.name),
+        booted_index_url=_booted_index_url(config, device),
     )
     return install_from_index(
         prepared.image_url,
@@ -211,3 +231,14 @@ def install_for_update(
         progress=progress,
         cancel=cancel,
     )
+
+
+def _booted_index_url(config: Config, device: DeviceReading) -> str | None:
+    """The channel's index of the release the booted slot runs, when the channel publishes indexes."""
+    if not is_index_url(config.image_url) or "{version}" not in config.image_url:
+        return None
+    try:
+        version = device.version(device.booted, config.root_path)
+    except errors.AbFlasherError:
+        return None
+    return config.image_url_for(version) if version else None
