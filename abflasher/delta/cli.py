@@ -15,7 +15,7 @@ COMMANDS = ("make-delta", "write-delta")
 
 def add_commands(commands: Any) -> None:
     """Add the delta commands to ``ab-flasher``'s subparsers."""
-    from abflasher.delta.publish import DEFAULT_CHUNK_SIZE, DEFAULT_DIGEST
+    from abflasher.delta.publish import DEFAULT_CHUNK_SIZE, DEFAULT_DIGEST, DEFAULT_ZSTD_LEVEL
 
     make = commands.add_parser(
         "make-delta",
@@ -32,6 +32,9 @@ def add_commands(commands: Any) -> None:
                       help=f"casync chunk sizes in bytes (default {DEFAULT_CHUNK_SIZE})")
     make.add_argument("--digest", default=DEFAULT_DIGEST, choices=["sha256", "sha512-256"],
                       help=f"chunk id digest (default {DEFAULT_DIGEST})")
+    make.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL, metavar="N",
+                      help="compress the chunks this image adds again at this zstd level "
+                      f"(default {DEFAULT_ZSTD_LEVEL}; 0 keeps casync's)")
     make.add_argument("--json", action="store_true", help="print the result (and the manifest artifact) as JSON")
 
     write = commands.add_parser(
@@ -68,7 +71,8 @@ def _read_index(path: str) -> Any:
 def _make(args: argparse.Namespace) -> int:
     from abflasher.delta.publish import make_delta
 
-    published = make_delta(args.image, args.outdir, name=args.name, chunk_size=args.chunk_size, digest=args.digest)
+    published = make_delta(args.image, args.outdir, name=args.name, chunk_size=args.chunk_size, digest=args.digest,
+                           zstd_level=args.zstd_level)
     if args.json:
         print(json.dumps({
             "success": True,
