@@ -26,6 +26,8 @@ CA_FORMAT_TABLE = 0xE75B9E112F17417D
 CA_FORMAT_TABLE_TAIL_MARKER = 0x4B4F050E5549ECD1
 CA_FORMAT_SHA512_256 = 0x2000000000000000
 ID_SIZE = 32
+#: A chunk with id ID (hex) is the file STORE/ID[:4]/ID.cacnk of a chunk store (.castr).
+CHUNK_SUFFIX = ".cacnk"
 _HEADER = struct.Struct("<QQQQQQ")
 _TABLE_HEADER = struct.Struct("<QQ")
 _ITEM = struct.Struct("<Q32s")

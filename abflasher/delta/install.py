@@ -156,7 +156,8 @@ class _Builder:
 
     def _build(self, step: Step, chunk: Chunk, fetcher: ChunkFetcher, planned: set[bytes]) -> None:
         if step.kind is Kind.HELD:
-            data = self.held_in_place.get(chunk.id)
+            # A chunk the plan fetches is taken from the fetcher, which holds it within its budget until then.
+            data = None if chunk.id in planned else self.held_in_place.get(chunk.id)
             self.held.append((chunk.offset, data if data is not None else self._obtain(chunk, fetcher, planned)))
             return
         if step.kind is Kind.ZERO:

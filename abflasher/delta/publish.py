@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from abflasher import errors
-from abflasher.delta.index import parse_index
-from abflasher.delta.store import CHUNK_SUFFIX
+from abflasher.delta.index import CHUNK_SUFFIX, parse_index
 from abflasher.image.formats import ImageFormat, detect_format
 
 DEFAULT_CHUNK_SIZE = "4096:16384:65536"

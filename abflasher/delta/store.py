@@ -29,14 +29,13 @@ import requests
 import urllib3
 
 from abflasher import errors
-from abflasher.delta.index import Chunk
+from abflasher.delta.index import CHUNK_SUFFIX, Chunk
 from abflasher.image.http import _describe_failure, _status_text
 from abflasher.image.locations import check_http_url, redact_url
 from abflasher.image.watched_session import NEW_SOCKET_WATCHER, watched_session
 
 log = logging.getLogger(__name__)
 
-CHUNK_SUFFIX = ".cacnk"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _GZIP_MAGIC = b"\x1f\x8b"

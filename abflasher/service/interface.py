@@ -245,6 +245,7 @@ class UpdaterInterface(GuardedInterface):
             "PrimarySlot": "",
             "BootedVersion": "",
             "TrialActive": False,
+            "Transferred": [0, 0],
         }
 
     # --- plumbing -------------------------------------------------------------------------------------------------
@@ -376,8 +377,8 @@ class UpdaterInterface(GuardedInterface):
     async def _start_job(self, request: UpdateRequest) -> str:
         """Validate with the engine and start the job. If this raises, the engine's run() was not started."""
         self._claim("update")
-        previous = {"State": self._properties["State"], "Progress": self._properties["Progress"]}
-        self._set_properties(State="preparing", Progress=["preparing", 0, 0, 0])
+        previous = {name: self._properties[name] for name in ("State", "Progress", "Transferred")}
+        self._set_properties(State="preparing", Progress=["preparing", 0, 0, 0], Transferred=[0, 0])
         try:
             prepared = await self._in_thread(self._updater.prepare, request)
         except BaseException:
@@ -414,7 +415,8 @@ class UpdaterInterface(GuardedInterface):
 
     def _emit_progress(self, job_id: str, progress: Progress) -> None:
         values = progress_tuple(progress)
-        changes: dict[str, Any] = {"Progress": values}
+        # Bytes received and bytes written so far, of the whole job (a delta update downloads and writes only part).
+        changes: dict[str, Any] = {"Progress": values, "Transferred": [progress.downloaded, max(0, progress.written)]}
         if progress.stage in RUNNING_STATES:
             changes["State"] = progress.stage
         self._set_properties(**changes)
@@ -571,6 +573,7 @@ class UpdaterInterface(GuardedInterface):
     _primary_slot_property = dbus_cached_property("PrimarySlot", "s", str)
     _booted_version_property = dbus_cached_property("BootedVersion", "s", str)
     _trial_active_property = dbus_cached_property("TrialActive", "b", bool)
+    _transferred_property = dbus_cached_property("Transferred", "(tt)", list)
 
 
 #: Every method of org.abflasher.Updater1 and the polkit action it needs (Update with a ``url`` option needs

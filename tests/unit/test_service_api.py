@@ -148,7 +148,7 @@ def test_reading_needs_no_authorization(address: str, polkit: DbusmockPolkit) ->
     assert check["available"].value == "9.9"
     assert {k: v.value for k, v in props.items()} == {
         "State": "idle", "Progress": ["", 0, 0, 0], "LastError": "", "BootedSlot": "a", "PrimarySlot": "a",
-        "BootedVersion": "1.0", "TrialActive": False,
+        "BootedVersion": "1.0", "TrialActive": False, "Transferred": [0, 0],
     }
 
 
