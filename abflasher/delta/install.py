@@ -41,8 +41,6 @@ from abflasher.image.pipeline import Progress
 #: Chunks that start within this many bytes of the image's start are written last (see the module docstring).
 HOLD_BYTES = 64 << 10
 PROGRESS_INTERVAL = 0.05
-#: Bytes written through the page cache between two starts of their writeback.
-WRITEBACK_KICK = 32 << 20
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -129,7 +127,6 @@ class _Builder:
         #: Chunks of the new image already on the target (written or found in place), by id: their offset.
         self.built: dict[bytes, int] = {}
         self._reported = 0.0
-        self._kicked = 0
 
     def run(self, fetcher: ChunkFetcher) -> None:
         planned = {chunk.id for chunk in self.plan.fetch}
@@ -182,12 +179,7 @@ class _Builder:
         self.device.write(chunk.offset, data)
         self.written += chunk.size
         self.built.setdefault(chunk.id, chunk.offset)
-        if self.written - self._kicked >= WRITEBACK_KICK:
-            # Start writing the dirty pages back now (Linux's DONTNEED does, without waiting), so the device works
-            # while the next chunks are read, rather than all at the final flush.
-            self._kicked = self.written
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self.target.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
 
     def report(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
