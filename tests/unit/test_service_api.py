@@ -7,6 +7,8 @@ the real polkitd and real users.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -574,3 +576,30 @@ def test_a_refused_request_leaves_state_and_progress_as_they_were(address: str, 
             return [props[0]["State"].value, props[0]["Progress"].value]
 
     assert run(scenario()) == ["idle", ["", 0, 0, 0]]
+
+
+class _TransferringUpdater(FakeUpdater):
+    """Reports bytes received as a delta update does: half of the bytes it builds."""
+
+    def run(self, prepared: Any, progress: Any, cancel: Any) -> Any:
+        return super().run(prepared, lambda p: progress(dataclasses.replace(p, downloaded=p.done // 2)), cancel)
+
+
+def test_the_transferred_property_reports_bytes_downloaded_and_written(address: str, polkit: DbusmockPolkit) -> None:
+    allow(polkit, ACTION_UPDATE)
+    updater = _TransferringUpdater(image_size=MIB, chunk=64 * 1024)
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        async with InProcessService(address, updater) as service:
+            job = ok(await service.call("Update", "sa{sv}", ["2.0", {}]))[0]
+            await service.wait_completed(job)
+            props = ok(await service.call("GetAll", "s", [INTERFACE], interface="org.freedesktop.DBus.Properties"))[0]
+            changes = [m.body[1]["Transferred"].value
+                       for m in service.of("PropertiesChanged", "org.freedesktop.DBus.Properties")
+                       if "Transferred" in m.body[1]]
+            return props["Transferred"].value, changes
+
+    final, changes = run(scenario())
+    assert final == [MIB // 2, MIB], "the last report: half downloaded, all written"
+    assert changes[0] == [0, 0], "a new job starts from zero"
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(changes[1:])), "downloaded only grows within the job"
