@@ -375,3 +375,18 @@ def test_after_a_full_install_the_booted_release_seeds_through_its_published_ind
         assert server.count("/pub/root-1.1.0.caibx") == 1
         assert pi.boot(tryboot=True) == "a"
         assert pi.updater().boot_check().committed
+
+
+def test_a_cancelled_delta_install_stops_and_leaves_the_slot_invalid(
+    loop_disk: LoopDisk, server: FaultServer, published: Published
+) -> None:
+    target = loop_disk.partition(3)
+    put(target, published.releases["1.1.0"].raw.read_bytes())
+    cancel = threading.Event()
+
+    def cancel_at_once(progress: Progress) -> None:
+        cancel.set()
+
+    with pytest.raises(errors.Cancelled):
+        install(server, published, "1.2.0", target, progress=cancel_at_once, cancel=cancel)
+    assert read(target, HOLD_BYTES) == bytes(HOLD_BYTES)
