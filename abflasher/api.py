@@ -44,6 +44,7 @@ class UpdateRequest:
     reboot: bool = False  # reboot into the trial when done
     fd: int | None = None  # UpdateFromFd: an open fd the updater takes ownership of (closes it)
     size: int | None = None  # bytes the fd will deliver, for percent
+    store: str = ""  # a delta update's chunk store (url names a .caibx); empty: configured or casync's default
 
 
 @dataclass(frozen=True)

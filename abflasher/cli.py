@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from abflasher import __version__, errors
 from abflasher.config import DEFAULT_PATH, load_config
+from abflasher.delta import cli as delta_cli
 from abflasher.image.formats import GZIP_INFLATERS, ImageFormat
 from abflasher.image.pipeline import Progress
 from abflasher.install import InstallResult, install_image
@@ -104,6 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    delta_cli.add_commands(commands)
     return parser
 
 
@@ -182,11 +184,8 @@ def _expected_sha256(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _write(args: argparse.Namespace) -> InstallResult:
-    from abflasher.image.sources import open_source
-    from abflasher.trust.commands import open_for_write
-
-    expected = _expected_sha256(args)
+def cancel_on_signals() -> threading.Event:
+    """An event that SIGINT, SIGTERM and SIGHUP set, so a write stops cleanly (leaving the target invalid)."""
     cancel = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -194,6 +193,15 @@ def _write(args: argparse.Namespace) -> InstallResult:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    return cancel
+
+
+def _write(args: argparse.Namespace) -> InstallResult:
+    from abflasher.image.sources import open_source
+    from abflasher.trust.commands import open_for_write
+
+    expected = _expected_sha256(args)
+    cancel = cancel_on_signals()
     printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
     opened = open_source(args.source)
     try:
@@ -309,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from abflasher.trust.commands import run_bundle
 
             return run_bundle(args)
+        if args.command in delta_cli.COMMANDS:
+            return delta_cli.run(args)
         result = _write(args)
     except errors.AbFlasherError as exc:
         if getattr(args, "json", False):

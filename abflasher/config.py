@@ -96,6 +96,12 @@ class Config:
     #: When install-and-reboot may reboot into the new version: HH:MM-HH:MM, local time, may wrap midnight; empty:
     #: at once.
     maintenance_window: str = ""
+    # Delta updates (docs/delta-updates.md): an image_url (or a request's url) ending in .caibx names a casync index.
+    #: The chunk store of the index ({version} and {image_url} are replaced); empty: casync's default,
+    #: default.castr next to the index.
+    delta_store_url: str = ""
+    #: Parallel connections to the chunk store.
+    delta_connections: int = 4
 
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -105,6 +111,9 @@ class Config:
                 "no image URL: set image_url in /etc/ab-flasher/ab-flasher.conf or pass one with the request"
             )
         return self.image_url.replace("{version}", version)
+
+    def delta_store_url_for(self, version: str, image_url: str) -> str:
+        return self.delta_store_url.replace("{version}", version).replace("{image_url}", image_url)
 
     def checksum_url_for(self, version: str, image_url: str) -> str:
         return self.checksum_url.replace("{version}", version).replace("{image_url}", image_url)
@@ -184,6 +193,15 @@ def _validate_auto_update(config: Config) -> None:
         if not _UNIT_VALUE_RE.match(getattr(config, name)):
             raise errors.InvalidArgument(f"configuration option {name} = {getattr(config, name)!r} is not a systemd "
                                          "calendar or time span value")
+def _validate_delta(config: Config) -> None:
+    if config.delta_store_url and not config.delta_store_url.startswith(("http://", "https://")):
+        raise errors.InvalidArgument(
+            f"configuration option delta_store_url = {config.delta_store_url!r}: only http(s) URLs are allowed"
+        )
+    if not 1 <= config.delta_connections <= 16:
+        raise errors.InvalidArgument(
+            f"configuration option delta_connections = {config.delta_connections}: use 1 to 16"
+        )
 
 
 def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, str] | None = None) -> Config:
@@ -206,6 +224,7 @@ def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, st
     config = Config(**kwargs, extra=extra)  # type: ignore[arg-type]
     _validate(config)
     _validate_auto_update(config)
+    _validate_delta(config)
     return config
 
 

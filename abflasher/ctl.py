@@ -207,6 +207,8 @@ def _update_options(args: argparse.Namespace, *, from_file: bool) -> dict[str, V
         options["reboot"] = Variant("b", True)
     if not from_file and args.url:
         options["url"] = Variant("s", args.url)
+    if not from_file and getattr(args, "store", None):
+        options["store"] = Variant("s", args.store)
     return options
 
 
@@ -338,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="version to install, e.g. 1.4.0 (default: the channel's newest)")
     update.add_argument("--file", metavar="IMAGE", help="install this image file ('-' reads standard input)")
     update.add_argument("--url", help="download the image from this http(s) URL")
+    update.add_argument("--store", help="a delta update's chunk store (with --url naming a .caibx casync index)")
     update.add_argument("--sha256", metavar="HEX", help="expected sha256 of the image")
     update.add_argument("--reboot", action="store_true", help="reboot into the trial when done")
     update.add_argument("--allow-downgrade", action="store_true", help="allow installing an older version")

@@ -21,6 +21,7 @@ from abflasher.boot import bootfiles
 from abflasher.commands import Runner
 from abflasher.config import Config
 from abflasher.decisions import check_version_order
+from abflasher.delta.kept import carry_indexes
 from abflasher.disk.slots import COMPATIBLE_FILE, VERSION_FILE, DiskLayout, Slot, read_version_file
 from abflasher.image.formats import is_ext_file_system
 from abflasher.state import STATE_FILE_MODE, write_atomically
@@ -163,4 +164,6 @@ def fix_up_root(
         if carried_state is not None:
             inside, text = carried_state(version)
             write_atomically(root / inside.lstrip("/"), text, mode=STATE_FILE_MODE)
+            # The indexes a delta update keeps travel with the state (docs/delta-updates.md).
+            carry_indexes(config.state_dir, (root / inside.lstrip("/")).parent)
     return version

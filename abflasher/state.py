@@ -263,14 +263,17 @@ class StateFile:
             return new
 
 
-def write_atomically(path: Path, text: str, *, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
-    """Replace ``path`` with ``text`` so a power cut leaves the old or the new file: temp file, fsync, rename,
-    fsync the directory."""
+def write_atomically(
+    path: Path, text: str | bytes, *, mode: int = 0o644, owner: tuple[int, int] | None = None
+) -> None:
+    """Replace ``path`` with ``text`` (UTF-8 text, or bytes as they are) so a power cut leaves the old or the new
+    file: temp file, fsync, rename, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    data = text.encode("utf-8") if isinstance(text, str) else text
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
             if owner is not None:

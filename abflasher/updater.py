@@ -31,6 +31,7 @@ from abflasher.autoupdate import last_outcome_summary
 from abflasher.boot.fat import FatVolume
 from abflasher.commands import Runner, reboot_into_trial, reboot_normally, run_command
 from abflasher.config import Config
+from abflasher.delta import update as delta
 from abflasher.device import DeviceReading, read_device, read_disk, state_path_in_root
 from abflasher.health import run_check, run_health_checks
 from abflasher.image import artifacts
@@ -110,7 +111,9 @@ class Updater:
             image_url = artifacts.image_url(self.config, request.url, request.version)
         # The description is stored, logged and shown to every bus client: never a password or token.
         description = "uploaded image" if request.fd is not None else redact_url(image_url)
-        return api.PreparedUpdate(request, target, image_url, description)
+        prepared = api.PreparedUpdate(request, target, image_url, description)
+        delta.check_request(self.config, prepared)
+        return prepared
 
     def run(
         self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event
@@ -129,7 +132,8 @@ class Updater:
     def _run_update(
         self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event
     ) -> api.UpdateOutcome:
-        from abflasher.install import install_image
+        from abflasher.delta.install import DeltaResult
+        from abflasher.install import InstallResult, install_image
 
         request = prepared.request
         progress(Progress("preparing", 0, None, 0))
@@ -153,29 +157,38 @@ class Updater:
             raise
         version_wanted = signed.manifest.version if signed is not None else request.version
 
+        # What each slot held, for a delta update's seeds, before the target is marked incomplete.
+        before = self.state.load(device.other_state_copy, device.device_id)
         # From here on the target is not trusted until every step passed.
         device.boot.disarm()
         self._record(device, target.name, SlotState.INCOMPLETE, version=version_wanted, sha256="",
                      time=int(time.time()), result="writing", source=prepared.description)
         source = None
         streamed = False
+        result: InstallResult | DeltaResult
         try:
-            # Opened inside the try: a first request that fails is a failed install like any other.
-            if signed is not None:
-                source = signed.image(cancel)
-            elif incoming is not None:
-                source = cast(ImageSource, incoming)
+            if signed is None and incoming is None and delta.is_index_url(prepared.image_url):
+                result = delta.install_for_update(
+                    self.config, prepared, device=device, target=target, state=before, expected_sha256=expected,
+                    progress=progress, cancel=cancel,
+                )
             else:
-                source = artifacts.open_image(self.config, prepared, cancel)
-            result = install_image(
-                source,
-                target.root_device,
-                expected_sha256=expected,
-                gzip_impl=self.config.gzip_inflater,
-                source_size=None if signed is not None else request.size,
-                progress=progress,
-                cancel=cancel,
-            )
+                # Opened inside the try: a first request that fails is a failed install like any other.
+                if signed is not None:
+                    source = signed.image(cancel)
+                elif incoming is not None:
+                    source = cast(ImageSource, incoming)
+                else:
+                    source = artifacts.open_image(self.config, prepared, cancel)
+                result = install_image(
+                    source,
+                    target.root_device,
+                    expected_sha256=expected,
+                    gzip_impl=self.config.gzip_inflater,
+                    source_size=None if signed is not None else request.size,
+                    progress=progress,
+                    cancel=cancel,
+                )
             streamed = True
         except errors.ChecksumMismatch as exc:
             self._record(device, target.name, SlotState.BAD, result=f"failed: {exc}")

@@ -285,6 +285,12 @@ class ReadbackVerifier:
 
     def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
         """Wait until all ``size`` bytes were read back; returns the sha256 of the image as the device holds it."""
+        digest = self.image_hash(size, progress)
+        return digest if self.first_block_matches() else "first block differs on the device"
+
+    def image_hash(self, size: int, progress: Callable[[int], None] | None = None) -> str:
+        """Wait until all ``size`` bytes were read back; returns the sha256 of the first block as given and the rest
+        as the device holds it (a delta update checks it before it writes the first block)."""
         with self._cond:
             self._durable = max(self._durable, size)
             self._finishing = True
@@ -298,14 +304,16 @@ class ReadbackVerifier:
             raise self._error
         if self._first is None:
             raise errors.Internal("the verify never saw the image's first block")
-        # Now the first block itself, as the device holds it.
+        return self._hash.hexdigest()
+
+    def first_block_matches(self) -> bool:
+        """Whether the device holds the first block as given (read now, once it is written)."""
+        assert self._first is not None
         length = len(self._first)
         if not self._direct:
             os.posix_fadvise(self._fd, 0, length, os.POSIX_FADV_DONTNEED)
         got = _pread_full(self._fd, self._buffer, (length + 4095) // 4096 * 4096 if self._direct else length, 0)
-        if got < length or self._buffer[:length] != self._first:
-            return "first block differs on the device"
-        return self._hash.hexdigest()
+        return got >= length and self._buffer[:length] == self._first
 
     def close(self) -> None:
         with self._cond:

@@ -64,6 +64,8 @@ class Progress:
     done: int
     total: int | None
     written: int
+    #: Bytes received so far: the source's bytes as they came (a download or an upload), a delta update's chunks.
+    downloaded: int = 0
 
     @property
     def percent(self) -> int | None:
@@ -392,7 +394,7 @@ class WriteStage:
                 self._follow_direct(now)
             if self._progress is not None and now - self._reported_time >= PROGRESS_INTERVAL:
                 self._reported_time = now
-                self._progress(Progress("writing", self._reader.bytes, self._total, self.offset))
+                self._progress(Progress("writing", self._reader.bytes, self._total, self.offset, self._reader.bytes))
 
     def write_first_block(self) -> None:
         """The held first buffer, once the whole stream decoded cleanly and matched its checksum; then a flush."""
@@ -489,7 +491,8 @@ class WriteStage:
         self._apply_zero_run(self.offset)
         if self._progress is not None:
             done = self._reader.bytes
-            self._progress(Progress("writing", done, self._total if self._total is not None else done, self.offset))
+            total = self._total if self._total is not None else done
+            self._progress(Progress("writing", done, total, self.offset, done))
         if self._verifier is not None and self.offset > self._durable:
             if self._dest.cached_writes:
                 self._dest.sync()

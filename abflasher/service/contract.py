@@ -33,6 +33,7 @@ UPDATE_OPTIONS: Mapping[str, str] = {
     "allow-downgrade": "b",
     "reboot": "b",
     "interactive": "b",
+    "store": "s",
 }
 #: Options of UpdateFromFd: the fd is the source, so no url; the version is optional (checked against the image).
 UPDATE_FROM_FD_OPTIONS: Mapping[str, str] = {
@@ -51,6 +52,8 @@ ACTION_UPDATE = "org.abflasher.update"
 #: (UpdateFromFd). Whoever may do this can run any code as root on the next boot, so the shipped rules keep it for
 #: administrators.
 ACTION_UPDATE_FROM_SOURCE = "org.abflasher.update-from-source"
+#: Update's options that name where the bytes come from, and so need ACTION_UPDATE_FROM_SOURCE.
+SOURCE_OPTION_ACTIONS: Mapping[str, str] = {"url": ACTION_UPDATE_FROM_SOURCE, "store": ACTION_UPDATE_FROM_SOURCE}
 #: In addition, for an update with ``allow-downgrade``.
 ACTION_DOWNGRADE = "org.abflasher.downgrade"
 ACTION_MANAGE_BOOT = "org.abflasher.manage-boot"

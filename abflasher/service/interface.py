@@ -44,6 +44,7 @@ from abflasher.service.contract import (
     OBJECT_PATH,
     REBOOT_MODES,
     RUNNING_STATES,
+    SOURCE_OPTION_ACTIONS,
     UPDATE_FROM_FD_OPTIONS,
     UPDATE_OPTIONS,
 )
@@ -245,6 +246,7 @@ class UpdaterInterface(GuardedInterface):
             "BootedVersion": "",
             "TrialActive": False,
             "AutoUpdate": "",
+            "Transferred": [0, 0],
         }
 
     # --- plumbing -------------------------------------------------------------------------------------------------
@@ -377,8 +379,8 @@ class UpdaterInterface(GuardedInterface):
     async def _start_job(self, request: UpdateRequest) -> str:
         """Validate with the engine and start the job. If this raises, the engine's run() was not started."""
         self._claim("update")
-        previous = {"State": self._properties["State"], "Progress": self._properties["Progress"]}
-        self._set_properties(State="preparing", Progress=["preparing", 0, 0, 0])
+        previous = {name: self._properties[name] for name in ("State", "Progress", "Transferred")}
+        self._set_properties(State="preparing", Progress=["preparing", 0, 0, 0], Transferred=[0, 0])
         try:
             prepared = await self._in_thread(self._updater.prepare, request)
         except BaseException:
@@ -415,7 +417,8 @@ class UpdaterInterface(GuardedInterface):
 
     def _emit_progress(self, job_id: str, progress: Progress) -> None:
         values = progress_tuple(progress)
-        changes: dict[str, Any] = {"Progress": values}
+        # Bytes received and bytes written so far, of the whole job (a delta update downloads and writes only part).
+        changes: dict[str, Any] = {"Progress": values, "Transferred": [progress.downloaded, max(0, progress.written)]}
         if progress.stage in RUNNING_STATES:
             changes["State"] = progress.stage
         self._set_properties(**changes)
@@ -483,8 +486,8 @@ class UpdaterInterface(GuardedInterface):
             })
         return reply
 
-    # A URL of the caller's choosing is an image of the caller's choosing: its own action.
-    @dbus_method("s", "a{sv}", action=ACTION_UPDATE, option_actions={"url": ACTION_UPDATE_FROM_SOURCE}, returns="s",
+    # A URL of the caller's choosing is an image of the caller's choosing: its own action (and so is a chunk store).
+    @dbus_method("s", "a{sv}", action=ACTION_UPDATE, option_actions=SOURCE_OPTION_ACTIONS, returns="s",
                  out_names=("job",))
     async def Update(self, version: str, options: dict[str, Variant]) -> str:
         values = parse_options(options, UPDATE_OPTIONS)
@@ -522,6 +525,7 @@ class UpdaterInterface(GuardedInterface):
             reboot=bool(values.get("reboot", False)),
             fd=fd,
             size=size,
+            store=str(values.get("store", "")),
         )
         return await self._start_job(request)
 
@@ -583,6 +587,7 @@ class UpdaterInterface(GuardedInterface):
     _booted_version_property = dbus_cached_property("BootedVersion", "s", str)
     _trial_active_property = dbus_cached_property("TrialActive", "b", bool)
     _auto_update_property = dbus_cached_property("AutoUpdate", "s", str)
+    _transferred_property = dbus_cached_property("Transferred", "(tt)", list)
 
 
 #: Every method of org.abflasher.Updater1 and the polkit action it needs (Update with a ``url`` option needs

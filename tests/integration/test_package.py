@@ -118,6 +118,7 @@ EXPECTED_DEPENDS = {
 
 #: Recommends: installed by apt by default, each making ab-flasher faster or more capable, none needed to work.
 EXPECTED_RECOMMENDS = {
+    "casync",  # ab-flasher make-delta
     "isal",  # igzip: gzip images inflate 4-6 times faster than with stdlib zlib
     "xz-utils",  # ab-flasher bundle --compress xz
     "zstd",  # ab-flasher bundle --compress zstd

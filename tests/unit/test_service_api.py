@@ -7,6 +7,8 @@ the real polkitd and real users.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -148,7 +150,7 @@ def test_reading_needs_no_authorization(address: str, polkit: DbusmockPolkit) ->
     assert check["available"].value == "9.9"
     assert {k: v.value for k, v in props.items()} == {
         "State": "idle", "Progress": ["", 0, 0, 0], "LastError": "", "BootedSlot": "a", "PrimarySlot": "a",
-        "BootedVersion": "1.0", "TrialActive": False, "AutoUpdate": "",
+        "BootedVersion": "1.0", "TrialActive": False, "AutoUpdate": "", "Transferred": [0, 0],
     }
 
 
@@ -573,3 +575,34 @@ def test_a_refused_request_leaves_state_and_progress_as_they_were(address: str, 
             return [props[0]["State"].value, props[0]["Progress"].value]
 
     assert run(scenario()) == ["idle", ["", 0, 0, 0]]
+
+
+class _TransferringUpdater(FakeUpdater):
+    """Reports bytes received as a delta update does: half of the bytes it builds."""
+
+    def run(self, prepared: Any, progress: Any, cancel: Any) -> Any:
+        return super().run(prepared, lambda p: progress(dataclasses.replace(p, downloaded=p.done // 2)), cancel)
+
+
+def test_the_transferred_property_reports_bytes_downloaded_and_written(address: str, polkit: DbusmockPolkit) -> None:
+    allow(polkit, ACTION_UPDATE)
+    updater = _TransferringUpdater(image_size=MIB, chunk=64 * 1024)
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        async with InProcessService(address, updater) as service:
+            for _ in range(2):
+                job = ok(await service.call("Update", "sa{sv}", ["2.0", {}]))[0]
+                await service.wait_completed(job)
+            props = ok(await service.call("GetAll", "s", [INTERFACE], interface="org.freedesktop.DBus.Properties"))[0]
+            changes = [m.body[1]["Transferred"].value
+                       for m in service.of("PropertiesChanged", "org.freedesktop.DBus.Properties")
+                       if "Transferred" in m.body[1]]
+            return props["Transferred"].value, changes
+
+    final, changes = run(scenario())
+    assert final == [MIB // 2, MIB], "the last report: half downloaded, all written"
+    assert changes[-1] == final
+    restart = changes.index([0, 0])
+    assert changes[restart - 1] == final, "the second job starts from zero"
+    for job in (changes[:restart], changes[restart:]):
+        assert all(a[0] <= b[0] for a, b in itertools.pairwise(job)), "downloaded only grows within a job"

@@ -110,6 +110,18 @@ def test_a_downgrade_is_authorized_for_both_actions(address: str) -> None:
     assert [action for _caller, action, _ in authorizer.calls] == [ACTION_UPDATE, ACTION_DOWNGRADE]
 
 
+def test_a_chunk_store_of_the_callers_choosing_needs_the_update_from_source_action(address: str) -> None:
+    authorizer = RecordingAuthorizer(allow=False)
+
+    async def scenario() -> str:
+        async with InProcessService(address, FakeUpdater(), authorizer=authorizer) as service:
+            reply = await service.call("Update", "sa{sv}", ["2.0", {"store": Variant("s", "https://x/s.castr")}])
+            return error_of(reply)[0]
+
+    assert run(scenario()).endswith("NotAuthorized")
+    assert [action for _caller, action, _ in authorizer.calls] == [ACTION_UPDATE_FROM_SOURCE]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # What PolkitAuthorizer sends
 

@@ -1,0 +1,394 @@
+"""Build a slot from a casync index: chunks already in place are left alone, chunks the device holds are copied from
+where they are (each checked against its id first), only the rest is downloaded; then the whole slot is read back.
+
+The plan (delta/plan.py) orders the chunks so that the target's old content can serve as a source without anything
+being read after it was overwritten, and says which chunks no local copy will provide. Each chunk then comes from
+the first place that has it:
+
+1. **in place**: the target slot's old index says the same chunk is already at the same offset, and reading it there
+   gives bytes whose digest is the chunk's id: nothing is written (SD-card wear);
+2. **the target's old content elsewhere**, where the plan put the copy before any write into its source (or read it
+   into memory ahead, to break a cycle);
+3. **already built**: an earlier chunk of the new image with the same id, read back from the target;
+4. **a seed**: a slot (the booted one, read-only) whose index says it holds the chunk; it may have changed since (a
+   mounted file system does), so the bytes read are used only when their digest is the chunk's id;
+5. **the store**: fetched ahead of need on a few parallel connections (delta/store.py), each checked against its id.
+
+Chunks of zeros are never fetched: where the target does not read as zeros already they are zeroed (BLKZEROOUT, a
+punched hole). As in the full install, the image's start (the chunks beginning in its first `HOLD_BYTES`: the
+superblock or partition table) is zeroed first and written last: the whole slot is read back with O_DIRECT (the held
+start from memory) and its sha256 must equal the image's before the start is written, so an install that fails, is
+cancelled or builds another image leaves a slot that nothing mistakes for a file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from abflasher import errors
+from abflasher.delta.index import Chunk, ChunkIndex
+from abflasher.delta.plan import Kind, Plan, Step, make_plan
+from abflasher.delta.store import ChunkFetcher, ChunkStore
+from abflasher.disk.blockdev import ReadbackVerifier, Target, open_target, set_direct, zero_range
+from abflasher.image.pipeline import Progress
+
+#: Chunks that start within this many bytes of the image's start are written last (see the module docstring).
+HOLD_BYTES = 64 << 10
+PROGRESS_INTERVAL = 0.05
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A slot (or file) that may hold chunks of the new image: ``index`` is what it held when it was written."""
+
+    path: str
+    index: ChunkIndex
+    description: str
+
+
+@dataclass(frozen=True)
+class DeltaResult:
+    image_size: int
+    image_sha256: str
+    downloaded: int  # bytes received from the store, compressed
+    fetched_chunks: int
+    written: int  # bytes written to the target (zeroed ranges not included)
+    zeroed: int
+    in_place: int  # bytes found in place and not written
+    from_seeds: int  # bytes copied from a seed or from elsewhere in the target
+    seed_rejected: int  # chunks a seed's index promised whose bytes did not match (fetched or found elsewhere)
+    verified: bool
+    seconds: float
+
+    @property
+    def sha256(self) -> str:
+        return self.image_sha256
+
+
+class _Device:
+    """An fd read (and for the target written) at any byte offset, with errors that say where."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+
+    def read(self, offset: int, size: int) -> bytes:
+        try:
+            data = os.pread(self.fd, size, offset)
+        except OSError as exc:
+            raise errors.DeviceError(f"reading {self.path} at byte {offset} failed: {exc.strerror}") from exc
+        return data
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        done = 0
+        try:
+            with memoryview(data) as view:
+                while done < len(view):
+                    done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as exc:
+            raise errors.DeviceError(f"write to {self.path} failed at byte {offset + done}: {exc.strerror}") from exc
+
+
+class _Builder:
+    """One delta install: carries out the plan's steps (delta/plan.py), each chunk from the first place that has it."""
+
+    def __init__(self, index: ChunkIndex, plan: Plan, store: ChunkStore, target: Target, *,
+                 seeds: Sequence[tuple[_Device, Seed]], progress: ProgressCallback | None,
+                 cancel: threading.Event) -> None:
+        self.index = index
+        self.plan = plan
+        self.chunks = plan.chunks
+        self.store = store
+        self.target = target
+        self.device = _Device(target.fd, target.path)
+        self.seeds = seeds
+        self.progress = progress
+        self.cancel = cancel
+        self.written = self.zeroed = self.in_place = self.from_seeds = self.seed_rejected = 0
+        self.done = 0
+        #: The held chunks in image order, once known; the region they cover is written last.
+        self.held: list[tuple[int, bytes]] = []
+        self.held_in_place: dict[bytes, bytes] = {}
+        #: Chunks of the old content read ahead of their turn (plan.py), by id.
+        self.stash: dict[bytes, bytes] = {}
+        #: Where each chunk id may be found in the seeds: (seed number, offset).
+        self.in_seeds: dict[bytes, tuple[int, int]] = {}
+        for number, (_, seed) in enumerate(seeds):
+            for chunk in seed.index:
+                self.in_seeds.setdefault(chunk.id, (number, chunk.offset))
+        #: Chunks of the new image already on the target (written or found in place), by id: their offset.
+        self.built: dict[bytes, int] = {}
+        self._reported = 0.0
+
+    def run(self, fetcher: ChunkFetcher) -> None:
+        planned = {chunk.id for chunk in self.plan.fetch}
+        held_steps = [step for step in self.plan.steps if step.kind is Kind.HELD]
+        # The held chunks the target holds in place are read before their region is zeroed.
+        for step in held_steps:
+            chunk = self.chunks[step.number]
+            data = self._checked(self.device, chunk.offset, chunk)
+            if data is not None:
+                self.held_in_place[chunk.id] = data
+        self._zero(0, self.plan.hold_end)
+        for step in self.plan.steps:
+            if self.cancel.is_set():
+                raise errors.Cancelled("the install was cancelled")
+            for number, offset in step.stash:
+                stashed = self.chunks[number]
+                data = self._checked(self.device, offset, stashed)
+                if data is not None:
+                    self.stash[stashed.id] = data
+            chunk = self.chunks[step.number]
+            self._build(step, chunk, fetcher, planned)
+            self.done += chunk.size
+            self.report(self.done)
+
+    def _build(self, step: Step, chunk: Chunk, fetcher: ChunkFetcher, planned: set[bytes]) -> None:
+        if step.kind is Kind.HELD:
+            # A chunk the plan fetches is taken from the fetcher, which holds it within its budget until then.
+            data = None if chunk.id in planned else self.held_in_place.get(chunk.id)
+            self.held.append((chunk.offset, data if data is not None else self._obtain(chunk, fetcher, planned)))
+            return
+        if step.kind is Kind.ZERO:
+            # Reading is free of wear, and zeroing may not be (a card without WRITE ZEROES gets zeros written).
+            if self.device.read(chunk.offset, chunk.size).count(0) == chunk.size:
+                self.in_place += chunk.size
+            else:
+                self._zero(chunk.offset, chunk.size)
+                self.zeroed += chunk.size
+            return
+        data = None
+        if step.kind is Kind.IN_PLACE and self._checked(self.device, chunk.offset, chunk) is not None:
+            self.in_place += chunk.size
+            self.built.setdefault(chunk.id, chunk.offset)
+            return
+        if step.kind is Kind.OLD:
+            data = self._checked(self.device, step.source, chunk)
+            if data is not None:
+                self.from_seeds += chunk.size
+        if data is None:
+            data = self._obtain(chunk, fetcher, planned)
+        self.device.write(chunk.offset, data)
+        self.written += chunk.size
+        self.built.setdefault(chunk.id, chunk.offset)
+
+
+    def report(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.progress is not None and (force or now - self._reported >= PROGRESS_INTERVAL):
+            self._reported = now
+            self.progress(Progress("writing", done, self.index.size, self.written, self.store.downloaded))
+
+    def _checked(self, device: _Device, offset: int, chunk: Chunk) -> bytes | None:
+        data = device.read(offset, chunk.size)
+        if len(data) == chunk.size and self.index.digest(data) == chunk.id:
+            return data
+        return None
+
+    def _obtain(self, chunk: Chunk, fetcher: ChunkFetcher, planned: set[bytes]) -> bytes:
+        """The chunk's bytes, checked against its id, from the first place that has them (module docstring)."""
+        if chunk.id in planned:
+            planned.discard(chunk.id)
+            return fetcher.take(chunk)
+        data = self.stash.pop(chunk.id, None)
+        if data is not None:
+            self.from_seeds += chunk.size
+            return data
+        for _, held in self.held:
+            if len(held) == chunk.size and self.index.digest(held) == chunk.id:
+                return held
+        if chunk.id in self.built:
+            data = self._checked(self.device, self.built[chunk.id], chunk)
+            if data is not None:
+                self.from_seeds += chunk.size
+                return data
+        if chunk.id in self.in_seeds:
+            number, offset = self.in_seeds[chunk.id]
+            data = self._checked(self.seeds[number][0], offset, chunk)
+            if data is not None:
+                self.from_seeds += chunk.size
+                return data
+            self.seed_rejected += 1
+        return fetcher.fetch_now(chunk)
+
+    def _zero(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        if not zero_range(self.target, offset, length):
+            zeros = bytes(min(length, 1 << 20))
+            for position in range(offset, offset + length, len(zeros)):
+                self.device.write(position, zeros[: min(len(zeros), offset + length - position)])
+
+    def held_bytes(self) -> bytes:
+        return b"".join(data for _, data in sorted(self.held))
+
+    def write_held(self) -> None:
+        for offset, data in self.held:
+            self.device.write(offset, data)
+            self.written += len(data)
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.target.fd)
+        except OSError as exc:
+            raise errors.DeviceError(f"flushing {self.target.path} failed: {exc.strerror}") from exc
+
+
+def install_delta(
+    index: ChunkIndex,
+    store: ChunkStore,
+    target: str | os.PathLike[str],
+    *,
+    expected_size: int | None = None,
+    expected_sha256: str | None = None,
+    seeds: Sequence[Seed] = (),
+    target_index: ChunkIndex | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    mountinfo: str = "/proc/self/mountinfo",
+    sys_root: str = "/sys",
+) -> DeltaResult:
+    """Build ``target`` as the image ``index`` describes, from ``seeds``, the target's old content (described by
+    ``target_index``) and ``store``; then read the target back and compare sha256.
+
+    Raises BadImage (the index does not describe ``expected_size`` bytes), TooLarge, ChecksumMismatch (a chunk the
+    store keeps serving corrupt; the image's sha256 is not ``expected_sha256``; the read-back differs), Network,
+    DeviceError, Cancelled. On any of them the target's first `HOLD_BYTES` read as zeros or were never written.
+    """
+    started = time.monotonic()
+    cancel = cancel or store.cancel
+    if expected_size is not None and index.size != expected_size:
+        raise errors.BadImage(
+            f"the index describes an image of {index.size} bytes, the update says {expected_size}: refusing it"
+        )
+    expected = expected_sha256.lower() if expected_sha256 else None
+    with open_target(target, mountinfo=mountinfo, sys_root=sys_root) as opened:
+        if opened.capacity is not None and index.size > opened.capacity:
+            raise errors.TooLarge(
+                f"the image is larger than {opened.path}: {index.size} bytes, the target holds {opened.capacity}"
+            )
+        # Chunks start at any byte: the page cache merges them into whole blocks; the verify reads the device.
+        if opened.direct:
+            set_direct(opened.fd, False)
+        with contextlib.ExitStack() as stack:
+            opened_seeds: list[tuple[_Device, Seed]] = []
+            for seed in seeds:
+                try:
+                    fd = os.open(seed.path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue  # a seed is an offer, not a requirement
+                stack.callback(os.close, fd)
+                opened_seeds.append((_Device(fd, seed.path), seed))
+            plan = make_plan(index, target_index=target_index, hold_bytes=HOLD_BYTES,
+                             seed_ids={chunk.id for _, seed in opened_seeds for chunk in seed.index})
+            builder = _Builder(index, plan, store, opened, seeds=opened_seeds, progress=progress, cancel=cancel)
+            fetcher = ChunkFetcher(store, plan.fetch)
+            try:
+                builder.run(fetcher)
+            finally:
+                fetcher.close()
+            for device, _ in opened_seeds:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(device.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        builder.sync()
+        builder.report(index.size, force=True)
+
+        def write_held() -> None:
+            builder.write_held()
+            builder.sync()
+
+        # The verify reads with O_DIRECT from where the block it holds in memory ends: a whole number of pages.
+        held = builder.held_bytes()
+        aligned = min(index.size, -(-len(held) // 4096) * 4096)
+        held += builder.device.read(len(held), aligned - len(held))
+        image_sha256 = _read_back(opened.path, index, held=held, expected=expected,
+                                  write_held=write_held, progress=progress, cancel=cancel)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(opened.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return DeltaResult(
+        image_size=index.size,
+        image_sha256=image_sha256,
+        downloaded=store.downloaded,
+        fetched_chunks=store.fetched_chunks,
+        written=builder.written,
+        zeroed=builder.zeroed,
+        in_place=builder.in_place,
+        from_seeds=builder.from_seeds,
+        seed_rejected=builder.seed_rejected,
+        verified=True,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _read_back(
+    path: str,
+    index: ChunkIndex,
+    *,
+    held: bytes,
+    expected: str | None,
+    write_held: Callable[[], None],
+    progress: ProgressCallback | None,
+    cancel: threading.Event,
+) -> str:
+    """Read the whole target back (the held start from memory: it is not written yet) and prove it is the image:
+    its sha256 equal to ``expected``, or, when the index itself is what was trusted, every chunk equal to its id.
+    Only then the held start is written, and compared on the device. Returns the image's sha256."""
+    size = index.size
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(Progress("verifying", done, size, size))
+
+    if expected is None:
+        actual = _read_back_by_chunks(path, index, held, report)
+    else:
+        verifier = ReadbackVerifier(path, cancel=cancel)
+        try:
+            verifier.first_block(memoryview(held))
+            actual = verifier.image_hash(size, report)
+        finally:
+            verifier.close()
+        if actual != expected:
+            raise errors.ChecksumMismatch(
+                f"sha256 mismatch: expected {expected}, the chunks of the index make {actual}; the target was left "
+                "incomplete"
+            )
+    write_held()
+    with open(path, "rb", buffering=0) as device:
+        os.posix_fadvise(device.fileno(), 0, len(held), os.POSIX_FADV_DONTNEED)
+        if device.read(len(held)) != held:
+            raise errors.ChecksumMismatch(
+                f"read-back verification of {path} failed: its first {len(held)} bytes differ from what was written "
+                "(failing medium?)"
+            )
+    return actual
+
+
+def _read_back_by_chunks(path: str, index: ChunkIndex, held: bytes, report: Callable[[int], None]) -> str:
+    """The image's sha256 as the device holds it, every chunk after the held ones checked against its id."""
+    digest = hashlib.sha256(held)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for chunk in index:
+            if chunk.offset < len(held):
+                continue
+            data = os.pread(fd, chunk.size, chunk.offset)
+            if len(data) != chunk.size or index.digest(data) != chunk.id:
+                raise errors.ChecksumMismatch(
+                    f"read-back verification of {path} failed at byte {chunk.offset}: the device does not hold chunk "
+                    f"{chunk.hex} there (failing medium?)"
+                )
+            digest.update(data)
+            report(chunk.end)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
