@@ -25,11 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from abflasher import api, decisions, errors, newroot
+from abflasher import api, carryover, decisions, errors, newroot
 from abflasher.boot.fat import FatVolume
 from abflasher.commands import Runner, reboot_into_trial, reboot_normally, run_command
 from abflasher.config import Config
-from abflasher.device import DeviceReading, read_device, read_disk, state_path_in_root
+from abflasher.device import DeviceReading, carried_state_path, read_device, read_disk
+from abflasher.disk.slots import Slot
 from abflasher.health import run_check, run_health_checks
 from abflasher.image import artifacts
 from abflasher.image.locations import redact_url
@@ -102,8 +103,8 @@ class Updater:
         self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event
     ) -> api.UpdateOutcome:
         try:
-            with self._exclusive():
-                return self._run_update(prepared, progress, cancel)
+            with self._exclusive(), carryover.stash_dir(newroot.run_dir(self.config)) as stash:
+                return self._run_update(prepared, progress, cancel, stash)
         finally:
             if prepared.request.fd is not None:
                 with contextlib.suppress(OSError):
@@ -113,7 +114,7 @@ class Updater:
         self._change(device, lambda state: decisions.recorded(state, slot, slot_state, **installed))
 
     def _run_update(
-        self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event
+        self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event, stash: Path
     ) -> api.UpdateOutcome:
         from abflasher.install import install_image
 
@@ -126,6 +127,10 @@ class Updater:
         expected = artifacts.expected_sha256(self.config, prepared, cancel)
         if cancel.is_set():
             raise errors.Cancelled("the update was cancelled")
+        source = device.layout.slot(device.snapshot.primary)
+        device = self._promote_recovery_first(device, target.name)
+        preserved = (stash, self._gather_preserved(device, source if source.role == decisions.SYSTEM else target,
+                                                   stash))
 
         # From here on the target is not trusted until every step passed.
         device.boot.disarm()
@@ -167,6 +172,8 @@ class Updater:
                 allow_downgrade=request.allow_downgrade,
                 booted_version=lambda: self._booted_version(device),
                 carried_state=self._carried_state(device, target.name, installed),
+                preserved=preserved,
+                check_runner=self._run_check,
             )
             if cancel.is_set():
                 raise errors.Cancelled("the update was cancelled")
@@ -191,11 +198,38 @@ class Updater:
             message = f"version {version} installed in slot {target.name}; rebooting into it on trial"
         return api.UpdateOutcome(target.name, version, result.sha256, rebooting, message)
 
+    def _promote_recovery_first(self, device: DeviceReading, target: str) -> DeviceReading:
+        """Main + recovery: before the main slot (the primary) is written, the running recovery slot becomes the
+        committed primary, so a power cut or a failed write boots recovery, never a half-written main."""
+        recovery = decisions.recovery_first(device.snapshot, target)
+        if recovery is None:
+            return device
+        device.boot.commit(recovery)
+        self._change(device, lambda state: decisions.recovery_promoted(state, device.snapshot))
+        log.info("slot %s is the committed primary while slot %s is written", recovery, target)
+        return read_device(self.config, self._open_fat)
+
+    def _gather_preserved(self, device: DeviceReading, system: Slot, stash: Path) -> list[str]:
+        """The files to keep (config ``preserve``), gathered before the target is written: from the running system,
+        or, running recovery, from ``system``, the committed system slot (in main + recovery: main, about to be
+        overwritten), whose identity the device has, as long as its root can still be read."""
+        if not self.config.preserve:
+            return []
+        if device.booted.role == decisions.RECOVERY:
+            try:
+                newroot.check_root_file_system(system.root_device)
+                with newroot.mounted(self.config, self._run, system.root_device, read_only=True) as old_root:
+                    return carryover.gather_preserved(self.config, old_root, stash)
+            except (errors.AbFlasherError, OSError) as exc:
+                log.warning("slot %s cannot be read (%s): keeping the recovery system's files instead", system.name,
+                            exc)
+        return carryover.gather_preserved(self.config, Path(self.config.root_path), stash)
+
     def _carried_state(
         self, device: DeviceReading, target: str, installed: InstalledImage
     ) -> Callable[[str], tuple[str, str]] | None:
         """The state copy the new root gets: the state as it will be once its trial is armed (see StateFile)."""
-        inside = state_path_in_root(self.config)
+        inside = carried_state_path(self.config, device.booted)
         if inside is None:
             return None
 
@@ -220,8 +254,22 @@ class Updater:
             reboot_into_trial(self.config, self._run)
             return
         if mode == "recovery":
-            raise errors.Incompatible("this device has no recovery slot")
+            self._reboot_into_recovery()
+            return
         raise errors.InvalidArgument(f"unknown reboot mode {mode!r}: use normal, trial or recovery")
+
+    def _reboot_into_recovery(self) -> None:
+        """Update mode: boot the recovery slot once (tryboot); the next reset returns to the primary."""
+        with self._exclusive():
+            device, _state = self._read()
+            plan = decisions.plan_recovery_boot(device.snapshot)
+            if plan.tryboot:
+                device.boot.set_trial(plan.slot)
+                self._change(device, lambda current: decisions.recovery_armed(current, device.snapshot, plan))
+        if plan.tryboot:
+            reboot_into_trial(self.config, self._run)
+        else:
+            reboot_normally(self.config, self._run)
 
     def _on_trial(self) -> DeviceReading:
         device, state = self._read()
