@@ -127,10 +127,10 @@ class Updater:
         expected = artifacts.expected_sha256(self.config, prepared, cancel)
         if cancel.is_set():
             raise errors.Cancelled("the update was cancelled")
-        source = device.layout.slot(device.snapshot.primary)
+        committed = device.layout.slot(device.snapshot.primary)
         device = self._promote_recovery_first(device, target.name)
-        preserved = (stash, self._gather_preserved(device, source if source.role == decisions.SYSTEM else target,
-                                                   stash))
+        keep_from = committed if committed.role == decisions.SYSTEM else target
+        preserved = (stash, self._gather_preserved(device, keep_from, stash))
 
         # From here on the target is not trusted until every step passed.
         device.boot.disarm()
