@@ -132,16 +132,18 @@ def test_the_companion_sequence(pi: SimulatedPi, tmp_path: Path) -> None:
     assert pi.slot_for(pi.firmware(tryboot=True)) == target, "disarmed: a stray tryboot starts the committed slot"
 
 
-def test_a_trial_that_hangs_falls_back_to_recovery(pi: SimulatedPi, tmp_path: Path) -> None:
-    if pi.image.variant != "main+recovery":
-        pytest.skip("in A/B + recovery a hung trial falls back to the committed system slot (test_ab_cycle)")
-    enter_update_mode(pi)
-    install(pi, root_image(tmp_path, "1.1.0"))
-    assert pi.boot(tryboot=True) == "main"
-    # No health check ever runs: the watchdog (or a power cycle) resets without the flag.
-    assert pi.boot(tryboot=False) == "recovery"
-    assert not pi.updater().boot_check().trial
-    assert states(pi)["main"][1] == "bad"
+@pytest.mark.parametrize("layout", ["prefix", "autoboot"])
+def test_a_main_that_hangs_falls_back_to_recovery(tmp_path: Path, layout: Layout) -> None:
+    (tmp_path / "device").mkdir()
+    with SimulatedPi(tmp_path / "device", layout, variant="main+recovery") as pi:
+        enter_update_mode(pi)
+        install(pi, root_image(tmp_path, "1.1.0"))
+        assert pi.boot(tryboot=True) == "main"
+        # No health check ever runs: the watchdog (or a power cycle) resets without the flag.
+        assert pi.boot(tryboot=False) == "recovery"
+        assert not pi.updater().boot_check().trial
+        assert states(pi)["main"][1] == "bad"
+        assert pi.slot_for(pi.firmware(tryboot=True)) == "recovery"
 
 
 def test_recovery_is_never_a_target(pi: SimulatedPi, tmp_path: Path) -> None:
