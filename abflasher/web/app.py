@@ -12,10 +12,10 @@ import logging
 from importlib import resources
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from abflasher import __version__, errors
-from abflasher.ctl_client import ServiceUnavailable, unwrap
+from abflasher.ctl_client import ServiceUnavailable, status_summary, unwrap
 from abflasher.image.checksums import normalize_sha256
 from abflasher.service.contract import REBOOT_MODES
 from abflasher.web.security import CSRF_HEADER, Guard, json_error
@@ -59,17 +59,10 @@ async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
     slots = status["slots"]
     target = target_slot(slots)
     booted = next((s for s in slots if s.get("booted")), None)
-    stage, percent, done, total = [*(props.get("Progress") or []), "", 0, 0, 0][:4]
     upload = uploads.current
     return {
+        **status_summary(props, slots),
         "version": __version__,
-        "state": props.get("State", ""),
-        "progress": {"stage": stage, "percent": percent, "done": done, "total": total},
-        "last_error": props.get("LastError", ""),
-        "booted_slot": props.get("BootedSlot", ""),
-        "primary_slot": props.get("PrimarySlot", ""),
-        "booted_version": props.get("BootedVersion", ""),
-        "trial_active": bool(props.get("TrialActive", False)),
         "recovery": bool(booted and booted.get("role") == "recovery"),
         "slots": [
             {key: slot.get(key) for key in ("name", "role", "version", "booted", "primary", "state", "size", "device")}
@@ -213,7 +206,14 @@ def _sha256_option(value: str) -> str:
     return normalize_sha256(value) if value.strip() else ""
 
 
+async def _no_automatic_continue(request: web.Request) -> None:
+    """aiohttp answers ``Expect: 100-continue`` before the handler runs; the upload handlers answer it themselves
+    (:func:`_chunks`), once the request has passed the checks, so a refused upload's body is never sent."""
+
+
 async def _chunks(request: web.Request) -> Any:
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     while chunk := await request.content.read(CHUNK):
         yield chunk
 
@@ -405,10 +405,10 @@ def make_app(config: WebConfig, link: ServiceLink) -> web.Application:
     app.router.add_get("/api/status", get_status)
     app.router.add_get("/api/events", events)
     app.router.add_post("/api/reboot", reboot)
-    app.router.add_put("/api/upload", put_upload)
+    app.router.add_put("/api/upload", put_upload, expect_handler=_no_automatic_continue)
     app.router.add_route("OPTIONS", "/api/uploads", tus_options)
     app.router.add_post("/api/uploads", tus_create)
     app.router.add_route("HEAD", "/api/uploads/{upload_id}", tus_head)
-    app.router.add_route("PATCH", "/api/uploads/{upload_id}", tus_patch)
+    app.router.add_route("PATCH", "/api/uploads/{upload_id}", tus_patch, expect_handler=_no_automatic_continue)
     app.router.add_delete("/api/uploads/{upload_id}", tus_delete)
     return app

@@ -11,9 +11,9 @@ import hmac
 import os
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 from abflasher import errors
+from abflasher.config import read_config_text
 
 DEFAULT_PATH = "/etc/ab-flasher/web.conf"
 SECTION = "web"
@@ -106,13 +106,7 @@ def parse_web_config(text: str, *, source: str = "<web.conf>") -> WebConfig:
 def load_web_config(path: str | os.PathLike[str] = DEFAULT_PATH) -> WebConfig:
     """The configuration at ``path``; a missing file means all defaults (off unless in update mode; no password,
     so no login succeeds until one is set)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        text = ""
-    except OSError as exc:
-        raise errors.InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
-    return parse_web_config(text, source=os.fspath(path))
+    return parse_web_config(read_config_text(path), source=os.fspath(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class WebClient:
     def headers(self, extra: dict[str, str] | None = None, *, csrf: bool = True) -> dict[str, str]:
         headers = {"Origin": self.web.base, **(extra or {})}
         if csrf and self.csrf:
-            headers["X-CSRF-Token"] = self.csrf
+            headers.setdefault("X-CSRF-Token", self.csrf)
         return headers
 
     def request(self, method: str, path: str, *, csrf: bool = True, headers: dict[str, str] | None = None,
