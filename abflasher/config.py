@@ -195,10 +195,14 @@ def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, st
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_PATH, *, overrides: dict[str, str] | None = None) -> Config:
     """The configuration at ``path``; a missing file means all defaults."""
+    return parse_config(read_config_text(path), source=os.fspath(path), overrides=overrides)
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The text of configuration file ``path``; "" when there is none (all defaults)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        text = ""
+        return ""
     except OSError as exc:
         raise errors.InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
-    return parse_config(text, source=os.fspath(path), overrides=overrides)
