@@ -129,7 +129,10 @@ class Updater:
             raise errors.Cancelled("the update was cancelled")
         committed = device.layout.slot(device.snapshot.primary)
         device = self._promote_recovery_first(device, target.name)
+        # Running recovery, the new slot's boot files (without a boot artifact) and kept files come from the system
+        # the device runs normally, not from the recovery system (its kernel may be another).
         keep_from = committed if committed.role == decisions.SYSTEM else target
+        boot_files_from = keep_from if device.booted.role == decisions.RECOVERY else device.booted
         preserved = (stash, self._gather_preserved(device, keep_from, stash))
 
         # From here on the target is not trusted until every step passed.
@@ -179,7 +182,7 @@ class Updater:
                 raise errors.Cancelled("the update was cancelled")
             with tempfile.TemporaryDirectory(prefix="boot-artifact-", dir=newroot.run_dir(self.config)) as tmp:
                 artifact = artifacts.fetch_boot_artifact(self.config, prepared, Path(tmp), cancel)
-                device.boot.install_boot_files(target, device.booted, artifact)
+                device.boot.install_boot_files(target, boot_files_from, artifact)
             device.boot.set_trial(target.name)
         except (errors.BadImage, errors.Incompatible, errors.UpToDate, errors.Downgrade) as exc:
             # A complete, verified image that must not run here.

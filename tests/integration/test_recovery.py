@@ -102,6 +102,11 @@ def test_the_companion_sequence(pi: SimulatedPi, tmp_path: Path) -> None:
         assert pi.slot_file(target, "/" + path) == content.encode(), f"{path} was not kept"
     fstab = (pi.slot_file(target, "/etc/fstab") or b"").decode()
     assert f"PARTUUID={pi.image.partuuid(pi.data_partition())}  /data" in fstab
+    # Its boot files are the system's (kernel and all), not the recovery system's that wrote it.
+    kernel = pi.fat_file(1, f"{target[0]}/kernel8.img") if pi.layout == "prefix" else \
+        pi.fat_file(pi.image.boot(target).number, "kernel8.img")  # type: ignore[arg-type]
+    assert kernel is not None
+    assert f"slot {first} ".encode() in kernel, kernel
 
     # The trial fails its health check: the device comes back to the primary.
     pi.updater().reboot("trial")

@@ -597,6 +597,14 @@ def build_provisioned_disk(
             recovery_boot_files=str(recovery_boot) if recovery_boot else None, slot_mb=root_mb,
             recovery_mb=recovery_mb if recovery else None, boot_mb=16, data_mb=data_mb, signature=signature,
         ))
+    return describe_provisioned(path, layout, variant, signature)
+
+
+def describe_provisioned(path: Path, layout: Layout, variant: Variant, signature: int) -> PiDisk:
+    """The `PiDisk` of a disk image `ab-flasher provision` laid out (roles from the layout's shape)."""
+    from abflasher.disk.slots import layout_shape
+
+    shape = layout_shape(layout, variant)
     roles: dict[int, str] = {1: "boot" if layout == "prefix" else "autoboot", shape.data: "data"}
     if shape.extended is not None:
         roles[shape.extended] = "extended"
