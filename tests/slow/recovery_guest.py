@@ -71,6 +71,8 @@ def make_recovery_image(tree: Path, dest: Path) -> Path:
         (recovery / "etc/fstab").write_text(_RECOVERY_FSTAB)
         web_conf = recovery / "etc/ab-flasher/web.conf"  # root:ab-flasher-web 0640, kept by writing in place
         web_conf.write_text(web_conf.read_text() + f"\n# abtest\npassword_hash = {hash_password(WEB_PASSWORD)}\n")
+        # A read-only root brings the state folders its services expect (logind's StateDirectory=systemd/linger).
+        (recovery / "var/lib/systemd/linger").mkdir(parents=True, exist_ok=True)
         (recovery / "etc/ab-flasher/abtest-recovery").write_text("the test driver waits here for the host\n")
         network = recovery / "etc/systemd/network/80-abtest.network"
         network.parent.mkdir(parents=True, exist_ok=True)
