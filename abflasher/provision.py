@@ -30,6 +30,7 @@ from abflasher.boot import bootfiles
 from abflasher.boot.fat import open_volume
 from abflasher.boot.raspberrypi import extract_boot_tarball
 from abflasher.boot.slotswitch import render_tryboot
+from abflasher.carryover import with_data_mount
 from abflasher.commands import run_command
 from abflasher.config import Config
 from abflasher.disk.blockdev import check_not_in_use
@@ -47,6 +48,7 @@ from abflasher.disk.table import partition_node, read_table
 from abflasher.image.formats import ImageFormat, detect_format
 from abflasher.image.sources import FileSource
 from abflasher.install import install_image
+from abflasher.newroot import mounted
 
 MIB = 1 << 20
 SECTOR = 512
@@ -205,8 +207,6 @@ def _slot_tree(tree: Path, slot: Slot) -> None:
 
 
 def _root_fstab(layout: DiskLayout, slot: Slot, image_fstab: str, data_mount: str) -> str:
-    from abflasher.carryover import with_data_mount
-
     fstab = bootfiles.set_fstab_mounts(image_fstab, root=f"PARTUUID={slot.root_partuuid}",
                                        boot=f"PARTUUID={slot.boot_partuuid}")
     if layout.data_partition is not None:
@@ -233,8 +233,6 @@ def read_only_root(fstab: str) -> str:
 
 def _fix_root(layout: DiskLayout, slot: Slot, data_mount: str, workdir: Path) -> str:
     """Check the root's version and write its fstab; returns the version."""
-    from abflasher.newroot import mounted
-
     config = Config(run_dir=str(workdir / "run"))
     with mounted(config, run_command, slot.root_device) as root:
         version = read_version_file((root / VERSION_FILE).read_bytes() if (root / VERSION_FILE).is_file() else b"")

@@ -19,6 +19,7 @@ import pytest
 from abflasher.disk.slots import detect_layout
 from abflasher.disk.table import read_table
 from tests import pifirmware
+from tests.support.loopdev import LoopDisk, make_disk_image
 from tests.support.pidisk import IMAGE_BUILD_SIGNATURE, build_root_image, ext4_read, slot_boot_tree
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -114,3 +115,26 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path: Path) -> 
     no_boot_files = provision(disk, "--system", system)
     assert no_boot_files.returncode == 2
     assert "have no cmdline.txt: give them with --boot" in no_boot_files.stderr
+
+
+def test_a_whole_block_device_gets_the_data_partition_in_the_rest(tmp_path: Path) -> None:
+    system = tmp_path / "system.img"
+    boot = slot_boot_tree(tmp_path / "boot", "autoboot", "system", "3.0.0")
+    build_root_image(system, "3.0.0", size_mb=16)
+    recovery = tmp_path / "recovery.img"
+    build_root_image(recovery, "0.1.0-recovery", size_mb=16)
+    # A used card: an old table with one partition, which provisioning replaces.
+    card = make_disk_image(tmp_path / "card.img", 300, "label: dos\n,64M,83\n")
+    with LoopDisk(card) as loop:
+        done = provision(loop.device, "--scheme", "autoboot", "--layout", "main+recovery", "--system", system,
+                         "--recovery", recovery, "--boot", boot, "--recovery-boot", boot, "--boot-size", "16")
+        assert done.returncode == 0, done.stderr
+        assert "autoboot scheme, main+recovery layout" in done.stdout
+        found = detect_layout(read_table(loop.device), loop.device)
+        assert (found.kind, found.variant) == ("autoboot", "main+recovery")
+        data = found.table.partition(found.data_partition or 0)
+        last_end = max(p.start + p.size for p in found.table.partitions if not p.is_extended)
+        assert last_end * 512 > (300 - 4) << 20, "the data partition takes the rest of the card"
+        assert data.size * 512 > 150 << 20
+        decision = pifirmware.decide_boot(card, tryboot=False)
+        assert decision.root == f"PARTUUID={found.slot('main').root_partuuid}"
