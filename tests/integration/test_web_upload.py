@@ -25,8 +25,7 @@ from tests.support.webrig import (
     PASSWORD,
     WebClient,
     WebProcess,
-    installed_web_rules,
-    system_user,
+    granted_web_user,
     wait_for_state,
 )
 
@@ -43,8 +42,7 @@ def rig() -> Iterator[Rig]:
 
 @pytest.fixture(scope="module")
 def web_user(rig: Rig) -> Iterator[str]:
-    with system_user() as user, installed_web_rules(user):
-        yield user
+    yield from granted_web_user()
 
 
 @pytest.fixture
