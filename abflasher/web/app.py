@@ -35,6 +35,7 @@ _ERROR_STATUS: dict[type[errors.AbFlasherError], int] = {
     errors.InvalidArgument: 400,
     errors.NotAuthorized: 403,
     errors.Busy: 409,
+    errors.Incompatible: 409,
     errors.TooLarge: 413,
     ServiceUnavailable: 503,
 }
@@ -226,7 +227,7 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
     if length is not None and length > limit:
         return json_error(413, f"the image ({length} bytes) is larger than the target slot ({limit} bytes)")
     sha256 = _sha256_option(request.query.get("sha256", ""))
-    upload = await uploads.start(length=length, sha256=sha256, filename=request.query.get("filename", ""))
+    upload = uploads.create(length=length, sha256=sha256, filename=request.query.get("filename", ""))
     try:
         await upload.receive(_chunks(request), limit=limit)
         if length is not None and upload.offset != length:
@@ -303,7 +304,7 @@ async def tus_create(request: web.Request) -> web.StreamResponse:
         return _tus_error(413, f"the image ({length} bytes) is larger than the target slot ({limit} bytes)")
     metadata = _metadata(request.headers.get("Upload-Metadata", ""))
     sha256 = _sha256_option(metadata.get("sha256", ""))
-    upload = await uploads.start(length=length, sha256=sha256, filename=metadata.get("filename", ""))
+    upload = uploads.create(length=length, sha256=sha256, filename=metadata.get("filename", ""))
     location = f"/api/uploads/{upload.id}"
     return web.json_response({"upload": upload.as_json(), "location": location}, status=201,
                              headers=_tus_headers(Location=location, **{"Upload-Offset": "0"}))

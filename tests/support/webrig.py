@@ -62,6 +62,12 @@ def installed_web_rules(user: str) -> Iterator[Path]:
             target.write_bytes(before)
 
 
+def granted_web_user() -> Iterator[str]:
+    """A web user the shipped rule grants the page's rights (a module-scoped fixture's body: ``yield from``)."""
+    with system_user() as user, installed_web_rules(user):
+        yield user
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

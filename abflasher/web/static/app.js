@@ -8,7 +8,7 @@ const RETRY_DELAYS_MS = [1000, 2000, 3000, 5000, 5000, 10000, 10000, 15000, 1500
 const $ = (id) => document.getElementById(id);
 
 const page = {
-  csrf: null, csrfHeader: "X-CSRF-Token", status: null, file: null, upload: null, job: null,
+  csrf: null, csrfHeader: "X-CSRF-Token", status: null, file: null, upload: null, uploadId: null, job: null,
   events: null, finished: false, cancelled: false, xhr: null,
 };
 
@@ -123,7 +123,8 @@ function render(status) {
   text("target-info", status.target
     ? `The image goes into slot ${status.target.slot} (up to ${bytes(status.target.size)}).`
     : "There is no slot to install into.");
-  show("enter-update-mode", !status.recovery);
+  // Update mode is the recovery slot: offered when the device has one and is not running it already.
+  show("enter-update-mode", !status.recovery && status.slots.some((slot) => slot.role === "recovery"));
   if (status.state === "ready-to-reboot" && page.finished) show("reboot-new", true);
   updateButtons();
 }
@@ -143,16 +144,23 @@ function connectEvents() {
   source.addEventListener("status", (e) => render(JSON.parse(e.data)));
   source.addEventListener("progress", (e) => {
     const p = JSON.parse(e.data);
-    if (page.job === null || p.job !== page.job) return;
+    if (!page.job || p.job !== page.job) return;
     const names = { preparing: "Preparing", downloading: "Receiving", writing: "Writing", verifying: "Verifying",
       configuring: "Configuring the boot" };
     text("write-stage", names[p.stage] || p.stage);
     $("write-progress").value = p.percent;
     text("write-percent", `${p.percent} %`);
   });
+  // The job starts with the upload's first bytes; the upload's events name it, and say how the upload ended.
+  source.addEventListener("upload", (e) => {
+    const u = JSON.parse(e.data);
+    if (page.uploadId === null || u.id !== page.uploadId) return;
+    if (u.job) page.job = u.job;
+    if (u.state === "ended" && u.result) finish(u.result);
+  });
   source.addEventListener("completed", (e) => {
     const c = JSON.parse(e.data);
-    if (page.job !== null && c.job === page.job) finish(c);
+    if (page.job && c.job === page.job) finish(c);
   });
   source.addEventListener("service-stopped", () => refresh());
 }
@@ -214,14 +222,14 @@ async function upload() {
   const sha256 = $("sha256-input").value.trim();
   if (sha256 && !/^[0-9a-fA-F]{64}$/.test(sha256)) { message("the SHA-256 must be 64 hex digits"); return; }
   message("");
-  page.finished = false; page.cancelled = false; page.job = null;
+  page.finished = false; page.cancelled = false; page.job = null; page.uploadId = null; page.result = null;
   resetProgress();
   let meta = `filename ${b64(file.name)}`;
   if (sha256) meta += `,sha256 ${b64(sha256)}`;
   const created = await api("POST", "/api/uploads", undefined,
     { ...TUS, "Upload-Length": String(file.size), "Upload-Metadata": meta });
   page.upload = created.location;
-  page.job = created.upload.job;
+  page.uploadId = created.upload.id;
   updateButtons();
   let offset = 0;
   let failures = 0;
@@ -283,7 +291,9 @@ async function resumeOffset() {
 }
 
 function finish(result) {
+  if (page.finished && page.result) return;
   page.finished = true;
+  page.result = result;
   if (page.xhr) page.xhr.abort();
   show("result", true);
   $("result").className = result.success ? "success" : "failure";
@@ -309,7 +319,7 @@ function fail(reason) {
   page.finished = true;
   show("result", true);
   $("result").className = "failure";
-  text("result-title", "Upload failed");
+  text("result-title", "Not installed");
   text("result-message", reason);
   text("result-next", "Nothing was changed on the running system. Try again.");
   updateButtons();
