@@ -20,7 +20,8 @@ from abflasher.disk.slots import detect_layout
 from abflasher.disk.table import read_table
 from tests import pifirmware
 from tests.support.loopdev import LoopDisk, make_disk_image
-from tests.support.pidisk import IMAGE_BUILD_SIGNATURE, build_root_image, ext4_read, slot_boot_tree
+from tests.support.pidisk import IMAGE_BUILD_SIGNATURE, build_root_image, ext4_read
+from tests.support.provisioned import slot_boot_tree
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 

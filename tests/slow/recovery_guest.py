@@ -26,7 +26,8 @@ from tests.slow.guest import (
     root_variant,
     run,
 )
-from tests.support.pidisk import PiDisk, describe_provisioned, fstab_text
+from tests.support.pidisk import PiDisk, fstab_text
+from tests.support.provisioned import describe_provisioned
 
 RECOVERY_VERSION = "0.9.0-recovery"
 WEB_PASSWORD = "abtest-update-mode"

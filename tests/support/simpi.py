@@ -18,7 +18,8 @@ from abflasher.config import Config
 from abflasher.updater import Updater
 from tests import pifirmware
 from tests.support.loopdev import LoopDisk
-from tests.support.pidisk import Layout, PiDisk, SwitchFiles, Variant, build_pi_disk, build_provisioned_disk
+from tests.support.pidisk import Layout, PiDisk, SwitchFiles, Variant, build_pi_disk
+from tests.support.provisioned import build_provisioned_disk
 
 MIB = 1 << 20
 
