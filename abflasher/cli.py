@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
-from abflasher import __version__, errors
+from abflasher import __version__, errors, provision_cli
 from abflasher.config import DEFAULT_PATH, load_config
 from abflasher.delta import cli as delta_cli
 from abflasher.image.formats import GZIP_INFLATERS, ImageFormat
@@ -106,6 +106,7 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", default=DEFAULT_PATH, help=f"configuration file (default {DEFAULT_PATH})")
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
     delta_cli.add_commands(commands)
+    provision_cli.add_parser(commands)
     return parser
 
 
@@ -319,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_bundle(args)
         if args.command in delta_cli.COMMANDS:
             return delta_cli.run(args)
+        if args.command == "provision":
+            return provision_cli.run(args)
         result = _write(args)
     except errors.AbFlasherError as exc:
         if getattr(args, "json", False):

@@ -102,6 +102,19 @@ class Config:
     delta_store_url: str = ""
     #: Parallel connections to the chunk store.
     delta_connections: int = 4
+    # Data and configuration across updates (abflasher/carryover.py, docs/layouts.md).
+    #: Where each new root mounts the data partition (an fstab line is added if its image has none); empty: none.
+    data_mount: str = "/data"
+    #: Paths (shell globs) copied from the running system into each new root before its trial: its identity and
+    #: its saved networks. Directories are copied whole. Empty: nothing.
+    preserve: tuple[str, ...] = (
+        "/etc/ssh/ssh_host_*_key", "/etc/ssh/ssh_host_*_key.pub", "/etc/machine-id",
+        "/etc/NetworkManager/system-connections", "/etc/wpa_supplicant/wpa_supplicant.conf",
+    )
+    #: Executables run in name order with the new root mounted (AB_FLASHER_NEW_ROOT, AB_FLASHER_SLOT,
+    #: AB_FLASHER_VERSION in their environment); one that fails aborts the install before anything is armed.
+    install_hooks_dir: str = "/etc/ab-flasher/install.d"
+    install_hook_timeout: float = 300.0
 
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -160,7 +173,14 @@ def _validate(config: Config) -> None:
             f"configuration option upload_idle_timeout = {config.upload_idle_timeout:g}: "
             "use 0 (no limit) or a number of seconds"
         )
-    for name in ("health_timeout", "trial_deadline"):
+    if config.data_mount and not config.data_mount.startswith("/"):
+        raise errors.InvalidArgument(f"configuration option data_mount = {config.data_mount!r}: use an absolute "
+                                     "path, or nothing to add no data mount")
+    for pattern in config.preserve:
+        if not pattern.startswith("/") or ".." in pattern.split("/"):
+            raise errors.InvalidArgument(f"configuration option preserve: {pattern!r} is not an absolute path "
+                                         "without '..'")
+    for name in ("health_timeout", "trial_deadline", "install_hook_timeout"):
         if getattr(config, name) < 0:
             raise errors.InvalidArgument(f"configuration option {name} = {getattr(config, name):g}: must be >= 0")
     if not 0 <= config.trial_watchdog_timeout <= 3600:
@@ -230,10 +250,14 @@ def parse_config(text: str, *, source: str = "<config>", overrides: dict[str, st
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_PATH, *, overrides: dict[str, str] | None = None) -> Config:
     """The configuration at ``path``; a missing file means all defaults."""
+    return parse_config(read_config_text(path), source=os.fspath(path), overrides=overrides)
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """The text of configuration file ``path``; "" when there is none (all defaults)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        text = ""
+        return ""
     except OSError as exc:
         raise errors.InvalidArgument(f"cannot read {path}: {exc.strerror}") from exc
-    return parse_config(text, source=os.fspath(path), overrides=overrides)

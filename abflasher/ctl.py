@@ -28,6 +28,7 @@ from abflasher.ctl_client import (
     ServiceClient,
     ServiceUnavailable,
     human_bytes,
+    status_summary,
     unwrap,
 )
 from abflasher.image.sources import open_image_file
@@ -156,18 +157,7 @@ async def cmd_status(client: ServiceClient, args: argparse.Namespace, out: Outpu
     slots_reply, props = await asyncio.gather(client.call("GetSlots"), client.properties())
     slots: list[dict[str, Any]] = unwrap(slots_reply[0])
     if out.as_json:
-        stage, percent, done, total = props.get("Progress", ["", 0, 0, 0])
-        out.json({
-            "state": props.get("State", ""),
-            "progress": {"stage": stage, "percent": percent, "done": done, "total": total},
-            "last_error": props.get("LastError", ""),
-            "booted_slot": props.get("BootedSlot", ""),
-            "primary_slot": props.get("PrimarySlot", ""),
-            "booted_version": props.get("BootedVersion", ""),
-            "trial_active": props.get("TrialActive", False),
-            "auto_update": props.get("AutoUpdate", ""),
-            "slots": slots,
-        })
+        out.json(status_summary(props, slots))
         return 0
     trial = " (trial boot: run `abflasherctl mark-good` once it works)" if props.get("TrialActive") else ""
     out.text(f"booted: slot {props.get('BootedSlot') or '?'}, version {props.get('BootedVersion') or '?'}{trial}")

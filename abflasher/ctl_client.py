@@ -63,6 +63,22 @@ def unwrap(value: Any) -> Any:
     return value
 
 
+def status_summary(props: dict[str, Any], slots: list[dict[str, Any]]) -> dict[str, Any]:
+    """The service's properties and slots as one plain dict (``abflasherctl status --json``, the upload page)."""
+    stage, percent, done, total = [*(props.get("Progress") or []), "", 0, 0, 0][:4]
+    return {
+        "state": props.get("State", ""),
+        "progress": {"stage": stage, "percent": percent, "done": done, "total": total},
+        "last_error": props.get("LastError", ""),
+        "booted_slot": props.get("BootedSlot", ""),
+        "primary_slot": props.get("PrimarySlot", ""),
+        "booted_version": props.get("BootedVersion", ""),
+        "trial_active": bool(props.get("TrialActive", False)),
+        "auto_update": props.get("AutoUpdate", ""),
+        "slots": slots,
+    }
+
+
 def human_bytes(count: int) -> str:
     size = float(count)
     for unit in ("B", "kB", "MB", "GB", "TB"):

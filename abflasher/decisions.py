@@ -64,6 +64,8 @@ def slot_state(snap: Snapshot, state: State, name: str, version: str, *, on_tria
     """What the API reports for slot ``name`` holding ``version`` ("" when unknown); ``on_trial``: it is the booted
     slot and a trial is active."""
     recorded = state.recorded(name)
+    if snap.role(name) == RECOVERY and version and recorded is SlotState.UNKNOWN:
+        return SlotState.GOOD  # static: written once, at provisioning, and never again
     if on_trial:
         return SlotState.BAD if recorded is SlotState.BAD else SlotState.TRIAL
     if name == snap.booted and name == snap.primary:
@@ -109,20 +111,87 @@ def refuse_during_trial(snap: Snapshot, state: State) -> None:
 
 
 def update_target(snap: Snapshot, state: State) -> str:
-    """The slot an update writes: a system slot that is neither booted nor the committed primary."""
+    """The slot an update writes: a system slot that is neither booted nor the committed primary; in main +
+    recovery, from the recovery system, the main slot even though it is the primary (`recovery_first` then says to
+    make recovery the primary before writing it). Never a recovery slot, never the running slot."""
     refuse_during_trial(snap, state)
-    target = next(
-        (s.name for s in snap.slots if s.role == SYSTEM and s.name not in (snap.booted, snap.primary)), None
-    )
-    if target is None:
-        raise errors.Busy(f"slot {snap.primary} is committed but slot {snap.booted} is running: reboot first")
-    return target
+    system = [s.name for s in snap.slots if s.role == SYSTEM]
+    free = next((name for name in system if name not in (snap.booted, snap.primary)), None)
+    if free is not None:
+        return free
+    if snap.role(snap.booted) == RECOVERY:
+        committed_system = next((name for name in system if name == snap.primary), None)
+        if committed_system is not None:
+            return committed_system
+    if system == [snap.booted]:
+        raise errors.Busy(
+            f"slot {snap.booted} is this device's only system slot and it is running: it cannot overwrite itself. "
+            "Reboot into update mode (abflasherctl reboot recovery) and install the image from there"
+        )
+    raise errors.Busy(f"slot {snap.primary} is committed but slot {snap.booted} is running: reboot first")
+
+
+def refuse_recovery_target(snap: Snapshot, target: str) -> None:
+    if snap.role(target) == RECOVERY:
+        raise errors.InvalidArgument(
+            f"slot {target} is the recovery slot: ab-flasher never writes it (it is what the device falls back to); "
+            "updates go to a system slot"
+        )
 
 
 def check_target(snap: Snapshot, target: str) -> None:
     """Right before writing: the target (chosen when the request was prepared) must still be free."""
-    if target in (snap.booted, snap.primary) or snap.role(target) != SYSTEM:
+    refuse_recovery_target(snap, target)
+    if target == snap.booted or (target == snap.primary and recovery_first(snap, target) is None):
         raise errors.Busy(f"slot {target} is in use (booted or committed); refusing to write it")
+
+
+def recovery_first(snap: Snapshot, target: str) -> str | None:
+    """Main + recovery, running the recovery system: the recovery slot, which must become the committed primary
+    before ``target`` (the primary until now) is written, so that a power cut mid-write boots recovery; else None."""
+    if target == snap.primary and snap.role(snap.booted) == RECOVERY and snap.role(target) == SYSTEM:
+        return snap.booted
+    return None
+
+
+def recovery_promoted(state: State, snap: Snapshot) -> State:
+    """``state`` once the running recovery slot is the committed primary (before main is written)."""
+    new = _copy(state)
+    new.primary = snap.booted
+    new.slot(snap.booted).state = SlotState.GOOD
+    return new
+
+
+# ------------------------------------------------------------------------------------------------------ update mode
+
+
+@dataclass(frozen=True)
+class RecoveryBoot:
+    slot: str
+    tryboot: bool  # boot it once through tryboot; False: it is the committed primary, a plain reboot starts it
+
+
+def plan_recovery_boot(snap: Snapshot) -> RecoveryBoot:
+    """``Reboot('recovery')``: which slot, and how."""
+    slot = next((s.name for s in snap.slots if s.role == RECOVERY), None)
+    if slot is None:
+        raise errors.Incompatible(
+            "this device has no recovery slot (its disk has an A/B layout without one: see docs/layouts.md)"
+        )
+    return RecoveryBoot(slot=slot, tryboot=snap.primary != slot)
+
+
+def recovery_armed(state: State, snap: Snapshot, plan: RecoveryBoot) -> State:
+    """``state`` once the one-shot boot of recovery replaces a trial armed for a slot that is not running: that trial
+    will not happen, so it must not be taken for a fallback later; its slot is not trusted until installed again."""
+    new = _copy(state)
+    trial = new.trial
+    if plan.tryboot and trial is not None and trial.slot != snap.booted:
+        record = new.slot(trial.slot)
+        record.state = SlotState.BAD
+        record.installed.result = "its trial was replaced by a boot into recovery; install it again"
+        new.trial = None
+    return new
 
 
 def recorded(state: State, slot: str, slot_state: SlotState, **installed: str | int) -> State:

@@ -69,6 +69,22 @@ def state_path_in_root(config: Config) -> str | None:
     return "/" + os.path.relpath(config.state_file, config.root_path)
 
 
+def _other_copy(layout: DiskLayout, booted: Slot, inside: str) -> bytes | None:
+    other = layout.other(booted.name)
+    return None if other is None else read_file_from_ext(other.root_device, inside)
+
+
+def carried_state_path(config: Config, booted: Slot) -> str | None:
+    """Where a new root gets its copy of the state: where the running root keeps it. A recovery system runs from a
+    read-only root with its state on a tmpfs at the same path (its own root never changes), and still hands the new
+    root a copy there."""
+    inside = state_path_in_root(config)
+    if inside is None and booted.role == "recovery":
+        relative = os.path.relpath(config.state_file, config.root_path)
+        inside = None if relative.startswith("..") else "/" + relative
+    return inside
+
+
 def read_disk(
     config: Config, open_fat: Callable[[str], FatVolume] | None, *, with_state_copy: bool = True
 ) -> DiskReading:
@@ -87,7 +103,7 @@ def read_disk(
     boot = bootloader_for(layout, open_fat, trial_watchdog_timeout=config.trial_watchdog_timeout)
     booted = booted_slot(layout, booted_root)
     inside = state_path_in_root(config) if with_state_copy else None
-    other_copy = None if inside is None else read_file_from_ext(layout.other(booted.name).root_device, inside)
+    other_copy = None if inside is None else _other_copy(layout, booted, inside)
     return DiskReading(layout, boot, booted, layout.table.ptuuid, other_copy)
 
 

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from abflasher import errors
+from abflasher import carryover, errors
 from abflasher.boot import bootfiles
 from abflasher.commands import Runner
 from abflasher.config import Config
@@ -61,12 +61,14 @@ def unmount_leftovers(config: Config, run: Runner) -> None:
 
 
 @contextlib.contextmanager
-def mounted(config: Config, run: Runner, device: str) -> Iterator[Path]:
+def mounted(config: Config, run: Runner, device: str, *, read_only: bool = False) -> Iterator[Path]:
     mountpoint = Path(tempfile.mkdtemp(prefix="slot-", dir=run_dir(config)))
     try:
-        done = run(["mount", "-t", "ext4", "-o", "rw,nosuid,nodev,noexec", device, str(mountpoint)], 120)
+        # noload: a read-only look does not even replay the journal (the slot is about to be overwritten).
+        options = "ro,noload,nosuid,nodev,noexec" if read_only else "rw,nosuid,nodev,noexec"
+        done = run(["mount", "-t", "ext4", "-o", options, device, str(mountpoint)], 120)
         if done.returncode != 0:
-            raise errors.BadImage(f"the new root file system on {device} cannot be mounted: {done.stderr.strip()}")
+            raise errors.BadImage(f"the root file system on {device} cannot be mounted: {done.stderr.strip()}")
         try:
             yield mountpoint
         finally:
@@ -126,10 +128,13 @@ def fstab_for(layout: DiskLayout, target: Slot, image_fstab: str, running_root: 
     )
 
 
-def fix_fstab(root: Path, layout: DiskLayout, target: Slot, running_root: str) -> None:
+def fix_fstab(root: Path, layout: DiskLayout, target: Slot, running_root: str, data_mount: str = "") -> None:
     fstab_path = root / "etc" / "fstab"
     fstab = fstab_path.read_text() if fstab_path.is_file() else ""
     new_fstab = fstab_for(layout, target, fstab, running_root)
+    if layout.data_partition is not None:
+        data_spec = f"PARTUUID={layout.table.partition(layout.data_partition).partuuid}"
+        new_fstab = carryover.with_data_mount(new_fstab, data_spec, data_mount)
     if new_fstab != fstab:
         st = fstab_path.stat() if fstab_path.exists() else None
         write_atomically(
@@ -150,20 +155,27 @@ def fix_up_root(
     allow_downgrade: bool,
     booted_version: BootedVersion,
     carried_state: Callable[[str], tuple[str, str]] | None,
+    preserved: tuple[Path, list[str]] | None = None,
+    check_runner: Runner | None = None,
 ) -> str:
     """Check the new root on ``target`` and make it fit this device; returns the version it holds.
 
     ``carried_state(version)`` gives (path inside the root, text) of the state copy the new root gets, or is None
-    when the state is not kept inside the root.
+    when the state is not kept inside the root. ``preserved``: the folder and paths `carryover.gather_preserved`
+    gathered, put into the new root. Then the install hooks run (through ``check_runner``) on the finished root.
     """
     check_root_file_system(target.root_device)
     with mounted(config, run, target.root_device) as root:
         version = image_version(root, requested, allow_downgrade, booted_version)
         check_compatible(root, config.compatible)
-        fix_fstab(root, layout, target, config.root_path)
+        fix_fstab(root, layout, target, config.root_path, config.data_mount)
+        if preserved is not None:
+            carryover.restore_preserved(preserved[0], preserved[1], root)
         if carried_state is not None:
             inside, text = carried_state(version)
             write_atomically(root / inside.lstrip("/"), text, mode=STATE_FILE_MODE)
             # The indexes a delta update keeps travel with the state (docs/delta-updates.md).
             carry_indexes(config.state_dir, (root / inside.lstrip("/")).parent)
+        if check_runner is not None:
+            carryover.run_install_hooks(config, check_runner, root, target.name, version)
     return version

@@ -26,13 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from abflasher import api, decisions, errors, newroot
+from abflasher import api, carryover, decisions, errors, newroot
 from abflasher.autoupdate import last_outcome_summary
 from abflasher.boot.fat import FatVolume
 from abflasher.commands import Runner, reboot_into_trial, reboot_normally, run_command
 from abflasher.config import Config
 from abflasher.delta import update as delta
-from abflasher.device import DeviceReading, read_device, read_disk, state_path_in_root
+from abflasher.device import DeviceReading, carried_state_path, read_device, read_disk
+from abflasher.disk.slots import Slot
 from abflasher.health import run_check, run_health_checks
 from abflasher.image import artifacts
 from abflasher.image.checksums import normalize_sha256
@@ -119,8 +120,8 @@ class Updater:
         self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event
     ) -> api.UpdateOutcome:
         try:
-            with self._exclusive():
-                return self._run_update(prepared, progress, cancel)
+            with self._exclusive(), carryover.stash_dir(newroot.run_dir(self.config)) as stash:
+                return self._run_update(prepared, progress, cancel, stash)
         finally:
             if prepared.request.fd is not None:
                 with contextlib.suppress(OSError):
@@ -130,7 +131,7 @@ class Updater:
         self._change(device, lambda state: decisions.recorded(state, slot, slot_state, **installed))
 
     def _run_update(
-        self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event
+        self, prepared: api.PreparedUpdate, progress: api.ProgressCallback, cancel: threading.Event, stash: Path
     ) -> api.UpdateOutcome:
         from abflasher.delta.install import DeltaResult
         from abflasher.install import InstallResult, install_image
@@ -151,6 +152,13 @@ class Updater:
                 expected = artifacts.expected_sha256(self.config, prepared, cancel)
             if cancel.is_set():
                 raise errors.Cancelled("the update was cancelled")
+            committed = device.layout.slot(device.snapshot.primary)
+            device = self._promote_recovery_first(device, target.name)
+            # Running recovery, the new slot's boot files (without a boot artifact) and kept files come from the
+            # system the device runs normally, not from the recovery system (its kernel may be another).
+            keep_from = committed if committed.role == decisions.SYSTEM else target
+            boot_files_from = keep_from if device.booted.role == decisions.RECOVERY else device.booted
+            preserved = (stash, self._gather_preserved(device, keep_from, stash))
         except BaseException:
             if incoming is not None:
                 incoming.close()
@@ -215,6 +223,8 @@ class Updater:
                 allow_downgrade=request.allow_downgrade,
                 booted_version=lambda: self._booted_version(device),
                 carried_state=self._carried_state(device, target.name, installed),
+                preserved=preserved,
+                check_runner=self._run_check,
             )
             if cancel.is_set():
                 raise errors.Cancelled("the update was cancelled")
@@ -224,7 +234,7 @@ class Updater:
                     signed.finish()
                 else:
                     artifact = artifacts.fetch_boot_artifact(self.config, prepared, Path(tmp), cancel)
-                device.boot.install_boot_files(target, device.booted, artifact)
+                device.boot.install_boot_files(target, boot_files_from, artifact)
             device.boot.set_trial(target.name)
         except (errors.BadImage, errors.Incompatible, errors.UpToDate, errors.Downgrade) as exc:
             # A complete, verified image that must not run here.
@@ -283,11 +293,38 @@ class Updater:
             raise
         return incoming
 
+    def _promote_recovery_first(self, device: DeviceReading, target: str) -> DeviceReading:
+        """Main + recovery: before the main slot (the primary) is written, the running recovery slot becomes the
+        committed primary, so a power cut or a failed write boots recovery, never a half-written main."""
+        recovery = decisions.recovery_first(device.snapshot, target)
+        if recovery is None:
+            return device
+        device.boot.commit(recovery)
+        self._change(device, lambda state: decisions.recovery_promoted(state, device.snapshot))
+        log.info("slot %s is the committed primary while slot %s is written", recovery, target)
+        return read_device(self.config, self._open_fat)
+
+    def _gather_preserved(self, device: DeviceReading, system: Slot, stash: Path) -> list[str]:
+        """The files to keep (config ``preserve``), gathered before the target is written: from the running system,
+        or, running recovery, from ``system``, the committed system slot (in main + recovery: main, about to be
+        overwritten), whose identity the device has, as long as its root can still be read."""
+        if not self.config.preserve:
+            return []
+        if device.booted.role == decisions.RECOVERY:
+            try:
+                newroot.check_root_file_system(system.root_device)
+                with newroot.mounted(self.config, self._run, system.root_device, read_only=True) as old_root:
+                    return carryover.gather_preserved(self.config, old_root, stash)
+            except (errors.AbFlasherError, OSError) as exc:
+                log.warning("slot %s cannot be read (%s): keeping the recovery system's files instead", system.name,
+                            exc)
+        return carryover.gather_preserved(self.config, Path(self.config.root_path), stash)
+
     def _carried_state(
         self, device: DeviceReading, target: str, installed: InstalledImage
     ) -> Callable[[str], tuple[str, str]] | None:
         """The state copy the new root gets: the state as it will be once its trial is armed (see StateFile)."""
-        inside = state_path_in_root(self.config)
+        inside = carried_state_path(self.config, device.booted)
         if inside is None:
             return None
 
@@ -312,8 +349,22 @@ class Updater:
             reboot_into_trial(self.config, self._run)
             return
         if mode == "recovery":
-            raise errors.Incompatible("this device has no recovery slot")
+            self._reboot_into_recovery()
+            return
         raise errors.InvalidArgument(f"unknown reboot mode {mode!r}: use normal, trial or recovery")
+
+    def _reboot_into_recovery(self) -> None:
+        """Update mode: boot the recovery slot once (tryboot); the next reset returns to the primary."""
+        with self._exclusive():
+            device, _state = self._read()
+            plan = decisions.plan_recovery_boot(device.snapshot)
+            if plan.tryboot:
+                device.boot.set_trial(plan.slot)
+                self._change(device, lambda current: decisions.recovery_armed(current, device.snapshot, plan))
+        if plan.tryboot:
+            reboot_into_trial(self.config, self._run)
+        else:
+            reboot_normally(self.config, self._run)
 
     def _on_trial(self) -> DeviceReading:
         device, state = self._read()

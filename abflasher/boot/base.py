@@ -32,7 +32,8 @@ class Bootloader(Protocol):
         ...
 
     def install_boot_files(self, target: Slot, running: Slot, artifact: Path | None) -> None:
-        """Give ``target`` its boot files (from ``artifact`` or copied from ``running``) pointing at its own root."""
+        """Give ``target`` its boot files (from ``artifact``, or copied from slot ``running``: the running system
+        slot, or from recovery the committed system slot) pointing at its own root."""
         ...
 
     def repair(self, primary_hint: str | None) -> list[str]:

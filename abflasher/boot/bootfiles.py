@@ -436,6 +436,11 @@ def _set_specs(text: str, wanted: dict[str, str]) -> str:
     return _join_lines(lines)
 
 
+def set_fstab_specs(text: str, wanted: dict[str, str]) -> str:
+    """fstab with the fs_spec of each mount point in ``wanted`` set; other lines kept as they are."""
+    return _set_specs(text, wanted)
+
+
 def fstab_for_slot(image_fstab: str, running_fstab: str, *, root: str, boot: str | None, data: str | None) -> str:
     """A freshly written root's fstab, every partition of this disk named by its role, never by its number.
 

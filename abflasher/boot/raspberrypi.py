@@ -47,7 +47,7 @@ def _fix_cmdline_in_tree(tree: Path, slot: Slot, *, keep_watchdog: bool = False)
     cmdline.write_text(bootfiles.set_cmdline_root(cmdline.read_text(), _root_spec(slot)))
 
 
-def _extract_tarball(artifact: Path, dest: Path) -> None:
+def extract_boot_tarball(artifact: Path, dest: Path) -> None:
     try:
         with tarfile.open(artifact) as archive:
             members = archive.getmembers()
@@ -175,7 +175,7 @@ class PrefixBoot(_PiBoot):
             tree = Path(tmp) / "boot"
             tree.mkdir()
             if artifact is not None:
-                _extract_tarball(artifact, tree)
+                extract_boot_tarball(artifact, tree)
             else:
                 self.firmware.export_tree(self._prefix(running.name), tree)
             _fix_cmdline_in_tree(tree, target, keep_watchdog=self.trial_watchdog_timeout > 0)

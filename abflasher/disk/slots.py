@@ -1,9 +1,11 @@
 """Which slots a disk has, which one is booted, and what version each holds.
 
-Two layouts (docs/architecture.md, "Disk layouts"), recognised from the partition table:
+Two boot schemes, each in three variants (docs/layouts.md has the partition tables), recognised from the table:
 
-- ``prefix``: p1 FAT (firmware + ``a/`` ``b/`` boot folders), p2/p3 roots A/B, optional p4 data;
-- ``autoboot``: p1 FAT (``autoboot.txt``), p2/p3 FAT boot A/B, p4 extended, p5/p6 roots A/B, optional p7 data.
+- ``prefix``: p1 FAT (firmware + one boot folder per slot), p2/p3 roots A/B, optional p4 data; with a recovery slot
+  p4 is extended, p5 the recovery root, p6 data; main + recovery: p2 main, p3 extended, p5 recovery, p6 data;
+- ``autoboot``: p1 FAT (``autoboot.txt``), p2/p3 FAT boot A/B, p4 extended, p5/p6 roots A/B, optional p7 data; with
+  a recovery slot p8/p9 its boot and root; main + recovery: p2/p3 main boot and root, p5/p6 recovery's, p7 data.
 
 The booted slot comes from the device of the mounted root (``stat(root).st_dev`` → ``/sys/dev/block/MAJ:MIN``) and
 is cross-checked with ``root=`` on the kernel command line; every path is a parameter so tests point at fixtures.
@@ -53,6 +55,11 @@ class DiskLayout:
     table: PartitionTable
     data_partition: int | None
     slots: tuple[Slot, ...]
+    variant: str = "ab"  # ab | ab+recovery | main+recovery
+
+    @property
+    def recovery(self) -> Slot | None:
+        return next((slot for slot in self.slots if slot.role == "recovery"), None)
 
     def slot(self, name: str) -> Slot:
         for slot in self.slots:
@@ -60,8 +67,10 @@ class DiskLayout:
                 return slot
         raise errors.InvalidArgument(f"there is no slot {name!r} (slots: {', '.join(s.name for s in self.slots)})")
 
-    def other(self, name: str) -> Slot:
-        return next(slot for slot in self.slots if slot.name != name and slot.role == "system")
+    def other(self, name: str) -> Slot | None:
+        """The system slot that is not ``name``: where the other copy of the state lives; None in main + recovery
+        when ``name`` is main (recovery is read-only and keeps no state of its own)."""
+        return next((slot for slot in self.slots if slot.name != name and slot.role == "system"), None)
 
     def slot_by_root(self, partition: int) -> Slot | None:
         return next((slot for slot in self.slots if slot.root_partition == partition), None)
@@ -95,53 +104,106 @@ def _describe(table: PartitionTable) -> str:
     return ", ".join(f"p{p.number} type {p.type}" for p in table.partitions) or "no partitions"
 
 
+def _looks(table: PartitionTable, fat: tuple[int, ...], linux: tuple[int, ...], extended: tuple[int, ...] = ()) -> bool:
+    return (all(_is_fat(table, n) for n in fat) and all(_is_linux(table, n) for n in linux)
+            and all(_has(table, n) and table.partition(n).is_extended for n in extended))
+
+
+#: The partition numbers of each layout (docs/layouts.md): slot -> (root, boot partition or None), and data.
+_PREFIX = "prefix"
+_AUTOBOOT = "autoboot"
+AB = "ab"
+AB_RECOVERY = "ab+recovery"
+MAIN_RECOVERY = "main+recovery"
+VARIANTS = (AB, AB_RECOVERY, MAIN_RECOVERY)
+RECOVERY_SLOT = "recovery"
+MAIN_SLOT = "main"
+
+
+@dataclass(frozen=True)
+class LayoutShape:
+    """Where each slot and the data partition live in one layout; also what `ab-flasher provision` lays out."""
+
+    kind: str  # prefix | autoboot: the boot scheme
+    variant: str  # ab | ab+recovery | main+recovery
+    #: (slot name, role, root partition, own FAT boot partition or None for a folder of p1)
+    slots: tuple[tuple[str, str, int, int | None], ...]
+    data: int
+    extended: int | None  # the MBR extended partition holding the logical ones
+
+    def matches(self, table: PartitionTable) -> bool:
+        fat = (1, *(boot for _, _, _, boot in self.slots if boot is not None))
+        linux = tuple(root for _, _, root, _ in self.slots)
+        extended = (self.extended,) if self.extended is not None else ()
+        return _looks(table, fat, linux, extended)
+
+
+SHAPES: tuple[LayoutShape, ...] = (
+    # The most specific first: a recovery layout also looks like its A/B part.
+    LayoutShape(_AUTOBOOT, AB_RECOVERY, (("a", "system", 5, 2), ("b", "system", 6, 3),
+                                         (RECOVERY_SLOT, "recovery", 9, 8)), data=7, extended=4),
+    LayoutShape(_AUTOBOOT, MAIN_RECOVERY, ((MAIN_SLOT, "system", 3, 2), (RECOVERY_SLOT, "recovery", 6, 5)),
+                data=7, extended=4),
+    LayoutShape(_AUTOBOOT, AB, (("a", "system", 5, 2), ("b", "system", 6, 3)), data=7, extended=4),
+    LayoutShape(_PREFIX, AB_RECOVERY, (("a", "system", 2, None), ("b", "system", 3, None),
+                                       (RECOVERY_SLOT, "recovery", 5, None)), data=6, extended=4),
+    LayoutShape(_PREFIX, MAIN_RECOVERY, ((MAIN_SLOT, "system", 2, None), (RECOVERY_SLOT, "recovery", 5, None)),
+                data=6, extended=3),
+    LayoutShape(_PREFIX, AB, (("a", "system", 2, None), ("b", "system", 3, None)), data=4, extended=None),
+)
+
+
+def layout_shape(kind: str, variant: str) -> LayoutShape:
+    for shape in SHAPES:
+        if (shape.kind, shape.variant) == (kind, variant):
+            return shape
+    raise errors.InvalidArgument(f"unknown layout {kind} {variant}: use prefix or autoboot, and one of "
+                                 f"{', '.join(VARIANTS)}")
+
+
+def boot_folder(name: str) -> str:
+    """The prefix layout's folder on p1 for a slot: its first letter (a/, b/, m/, r/), so every os_prefix value has
+    one length and a slot switch stays a one-byte change in place."""
+    return f"{name[0]}/"
+
+
 def detect_layout(table: PartitionTable, disk: str, forced: str = "auto") -> DiskLayout:
-    """The slot layout of ``table``; ``forced`` (prefix | autoboot) skips detection but still checks the table."""
-    looks_autoboot = (
-        _is_fat(table, 1)
-        and _is_fat(table, 2)
-        and _is_fat(table, 3)
-        and _is_linux(table, 5)
-        and _is_linux(table, 6)
-    )
-    looks_prefix = _is_fat(table, 1) and _is_linux(table, 2) and _is_linux(table, 3)
-    kind = forced
-    if forced == "auto":
-        kind = "autoboot" if looks_autoboot else "prefix" if looks_prefix else ""
-    if kind == "autoboot" and not looks_autoboot:
-        raise errors.Incompatible(
-            f"{disk} does not have the autoboot layout (p1 FAT, p2/p3 FAT boot, p5/p6 Linux roots): {_describe(table)}"
-        )
-    if kind == "prefix" and not looks_prefix:
-        raise errors.Incompatible(
-            f"{disk} does not have the prefix layout (p1 FAT, p2/p3 Linux roots): {_describe(table)}"
-        )
-    if not kind:
+    """The slot layout of ``table``; ``forced`` (prefix | autoboot) skips detecting the boot scheme but still checks
+    the table. Within a scheme the variant (A/B, A/B + recovery, main + recovery) is told by the table alone."""
+    kinds = (_PREFIX, _AUTOBOOT) if forced == "auto" else (forced,)
+    shape = next((s for s in SHAPES if s.kind in kinds and s.matches(table)), None)
+    if shape is None:
+        if forced == "autoboot":
+            raise errors.Incompatible(
+                f"{disk} does not have the autoboot layout (p1 FAT, p2/p3 FAT boot, p5/p6 Linux roots): "
+                f"{_describe(table)}"
+            )
+        if forced == "prefix":
+            raise errors.Incompatible(
+                f"{disk} does not have the prefix layout (p1 FAT, p2/p3 Linux roots): {_describe(table)}"
+            )
         raise errors.Incompatible(
             f"{disk} has neither A/B layout ab-flasher knows (prefix: p1 FAT, p2/p3 roots; autoboot: p1 FAT, "
-            f"p2/p3 FAT boot, p5/p6 roots): {_describe(table)}"
+            f"p2/p3 FAT boot, p5/p6 roots; or their recovery variants, docs/layouts.md): {_describe(table)}"
         )
 
-    def slot(name: str, root: int, boot: int | None) -> Slot:
+    def slot(name: str, role: str, root: int, boot: int | None) -> Slot:
         return Slot(
             name=name,
-            role="system",
+            role=role,
             root_partition=root,
             root_device=partition_node(disk, root),
             root_partuuid=table.partition(root).partuuid,
             size=table.size_bytes(root),
             boot_partition=boot,
-            boot_prefix=f"{name}/" if boot is None else None,
+            boot_prefix=boot_folder(name) if boot is None else None,
             boot_partuuid=table.partition(boot if boot is not None else 1).partuuid,
         )
 
-    if kind == "prefix":
-        slots = (slot("a", 2, None), slot("b", 3, None))
-        data = 4 if _is_linux(table, 4) else None
-    else:
-        slots = (slot("a", 5, 2), slot("b", 6, 3))
-        data = 7 if _has(table, 7) else None
-    return DiskLayout(kind=kind, disk=disk, table=table, data_partition=data, slots=slots)
+    slots = tuple(slot(*entry) for entry in shape.slots)
+    data = shape.data if _is_linux(table, shape.data) else None
+    return DiskLayout(kind=shape.kind, disk=disk, table=table, data_partition=data, slots=slots,
+                      variant=shape.variant)
 
 
 @dataclass(frozen=True)

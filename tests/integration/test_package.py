@@ -21,6 +21,7 @@ import dataclasses
 import grp
 import json
 import os
+import pwd
 import re
 import select
 import shutil
@@ -41,6 +42,9 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "ab-flasher"
 STDEB_PACKAGE = "python3-ab-flasher"
 GROUP = "abflasher"
+WEB_USER = "ab-flasher-web"
+WEB_CONFFILE = Path("/etc/ab-flasher/web.conf")
+WEB_UNIT_LINK = Path("/etc/systemd/system/multi-user.target.wants/ab-flasher-web.service")
 CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 CONFFILE = Path("/etc/ab-flasher/ab-flasher.conf")
 UNIT_DIR = Path("/lib/systemd/system")
@@ -48,6 +52,7 @@ SERVICE_UNIT = UNIT_DIR / "ab-flasher.service"
 BOOT_CHECK_UNIT = UNIT_DIR / "ab-flasher-boot-check.service"
 BOOT_CHECK_LINK = Path("/etc/systemd/system/multi-user.target.wants/ab-flasher-boot-check.service")
 DEADLINE_UNIT = UNIT_DIR / "ab-flasher-trial-deadline.service"
+WEB_UNIT = UNIT_DIR / "ab-flasher-web.service"
 DEADLINE_LINK = Path("/etc/systemd/system/sysinit.target.wants/ab-flasher-trial-deadline.service")
 WATCHDOG_DROP_IN = Path("/usr/lib/systemd/system.conf.d/60-ab-flasher-watchdog.conf")
 SITE_PACKAGES = Path("/usr/lib/python3/dist-packages")
@@ -81,6 +86,17 @@ INSTALLED_FILES = (
     "/usr/share/bash-completion/completions/ab-flasher",
     "/usr/share/doc/ab-flasher/copyright",
     "/usr/lib/python3/dist-packages/abflasher/__init__.py",
+    # The upload page (issue 14): its command, unit, polkit rule, configuration, assets (no CDN) and documentation.
+    "/usr/bin/ab-flasher-web",
+    "/lib/systemd/system/ab-flasher-web.service",
+    "/usr/share/polkit-1/rules.d/org.abflasher.Web.rules",
+    "/etc/ab-flasher/web.conf",
+    "/usr/share/man/man8/ab-flasher-web.8.gz",
+    "/usr/share/doc/ab-flasher/web-api.md",
+    "/usr/lib/python3/dist-packages/abflasher/web/app.py",
+    "/usr/lib/python3/dist-packages/abflasher/web/static/index.html",
+    "/usr/lib/python3/dist-packages/abflasher/web/static/app.js",
+    "/usr/lib/python3/dist-packages/abflasher/web/static/style.css",
 )
 INSTALLED_DIRS = ("/etc/ab-flasher/health.d", "/var/lib/ab-flasher")
 
@@ -96,6 +112,9 @@ PURGED_PATHS = (
     DEADLINE_LINK.as_posix(),
     "/var/lib/systemd/deb-systemd-helper-enabled/ab-flasher-trial-deadline.service.dsh-also",
     "/var/lib/systemd/deb-systemd-helper-enabled/sysinit.target.wants/ab-flasher-trial-deadline.service",
+    "/etc/systemd/system/multi-user.target.wants/ab-flasher-web.service",
+    "/var/lib/systemd/deb-systemd-helper-enabled/ab-flasher-web.service.dsh-also",
+    "/var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/ab-flasher-web.service",
 )
 
 #: Runtime Depends of the release package: Debian packages only, each for something the code needs.
@@ -109,6 +128,7 @@ EXPECTED_DEPENDS = {
     "mtools",  # FAT edits on unmounted partitions
     "openssh-client",  # ssh-keygen -Y verify / sign: signed updates (abflasher/trust/)
     "polkitd",  # authorization, and pkttyagent for abflasherctl
+    "python3-aiohttp",  # the upload page (ab-flasher-web): the unit is enabled everywhere, so it is a Depends
     "python3-dbus-next",
     "python3-requests",
     "python3-tqdm",  # progress bars
@@ -150,9 +170,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float = TIMEOUT, check: bool = True,
-        env: dict[str, str] | None = None, cwd: str | os.PathLike[str] = "/") -> subprocess.CompletedProcess[str]:
+        env: dict[str, str] | None = None, cwd: str | os.PathLike[str] = "/",
+        input_text: str | None = None) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=timeout, check=False,
-                          env=env or clean_env(), cwd=cwd)
+                          env=env or clean_env(), cwd=cwd, input=input_text)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, argv))} exited {done.returncode}:\n{done.stdout[-3000:]}\n"
                              f"{done.stderr[-3000:]}")
@@ -332,7 +353,8 @@ def test_release_package_metadata_and_contents(builds: Builds) -> None:
     assert not [path for path in contents if "__pycache__" in path or path.endswith(".pyc")]
     with tempfile.TemporaryDirectory() as control:
         run(["dpkg-deb", "-e", builds.deb, control])
-        assert Path(control, "conffiles").read_text().split() == ["/etc/ab-flasher/ab-flasher.conf"]
+        assert Path(control, "conffiles").read_text().split() == [
+            "/etc/ab-flasher/ab-flasher.conf", "/etc/ab-flasher/web.conf"]
 
 
 def test_every_dependency_resolves_from_debian(builds: Builds, tmp_path: Path) -> None:
@@ -370,6 +392,7 @@ def apt_get(*args: str | os.PathLike[str], timeout: float = 600) -> subprocess.C
 class Machine:
     builds: Builds
     group_existed: bool
+    web_user_existed: bool = False
 
     def install(self, deb: Path) -> subprocess.CompletedProcess[str]:
         return apt_get("install", "--no-install-recommends", deb)
@@ -396,13 +419,17 @@ def machine(builds: Builds) -> Iterator[Machine]:
         group_existed = True
     except KeyError:
         group_existed = False
-    state = Machine(builds, group_existed)
+    web_user_existed = run(["getent", "passwd", WEB_USER], check=False).returncode == 0
+    state = Machine(builds, group_existed, web_user_existed)
     try:
         yield state
     finally:
         for name in (STDEB_PACKAGE, PACKAGE):
             if package_state(name) != "not-installed":
                 apt_get("purge", name)
+        if not web_user_existed:
+            subprocess.run(["userdel", WEB_USER], capture_output=True, timeout=60, check=False)
+            subprocess.run(["groupdel", WEB_USER], capture_output=True, timeout=60, check=False)
         if not group_existed:
             subprocess.run(["groupdel", GROUP], capture_output=True, timeout=60, check=False)
 
@@ -437,6 +464,18 @@ def test_apt_installs_the_package(installed: Machine) -> None:
     assert Path(run(["head", "-n1", "/usr/bin/ab-flasherd"]).stdout.strip().removeprefix("#!")) == Path(
         "/usr/bin/python3"
     )
+    # The upload page: its own system user, a config only it (and root) can read, its unit enabled (it serves only
+    # in update mode: its ExecCondition decides at start).
+    web_user = pwd.getpwnam(WEB_USER)
+    assert web_user.pw_uid < 1000, "ab-flasher-web is a system user"
+    assert web_user.pw_shell in ("/usr/sbin/nologin", "/bin/false")
+    conf = WEB_CONFFILE.stat()
+    assert (conf.st_uid, grp.getgrgid(conf.st_gid).gr_name, conf.st_mode & 0o777) == (0, WEB_USER, 0o640)
+    assert WEB_CONFFILE.read_text() == (REPO / "debian" / "web.conf").read_text()
+    assert os.readlink(WEB_UNIT_LINK) == str(WEB_UNIT), "the page's unit is enabled"
+    assert run(["ab-flasher-web", "--version"]).stdout.strip() == f"ab-flasher-web {__version__}"
+    hashed = run(["ab-flasher-web", "--hash-password"], input_text="secret\n").stdout.strip()
+    assert hashed.startswith("password_hash = scrypt$")
 
 
 @pytest.mark.root
@@ -444,7 +483,7 @@ def test_apt_installs_the_package(installed: Machine) -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze", path=CLEAN_PATH) is None, reason="systemd is not installed")
 def test_installed_units_verify_and_keep_their_hardening(installed: Machine) -> None:
     # The units are well-formed and everything they name (binaries, man pages) is installed.
-    verify = run(["systemd-analyze", "verify", SERVICE_UNIT, BOOT_CHECK_UNIT, DEADLINE_UNIT], check=False)
+    verify = run(["systemd-analyze", "verify", SERVICE_UNIT, BOOT_CHECK_UNIT, DEADLINE_UNIT, WEB_UNIT], check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not (verify.stdout + verify.stderr).strip()
     unit = SERVICE_UNIT.read_text()
@@ -456,6 +495,16 @@ def test_installed_units_verify_and_keep_their_hardening(installed: Machine) -> 
     exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
     assert exposure, security.stdout[-2000:] + security.stderr
     assert float(exposure.group(1)) <= 4.0, security.stdout[-2000:]
+    # The upload page: an unprivileged user with one capability and no devices.
+    web_unit = WEB_UNIT.read_text()
+    for setting in ("User=ab-flasher-web", "ExecCondition=/usr/bin/ab-flasher-web --check-enabled",
+                    "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "PrivateDevices=yes", "ProtectSystem=strict",
+                    "NoNewPrivileges=yes", "MemoryMax="):
+        assert re.search(rf"^{re.escape(setting)}", web_unit, re.MULTILINE), setting
+    security = run(["systemd-analyze", "security", "--offline=true", WEB_UNIT], check=False)
+    exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert exposure, security.stdout[-2000:] + security.stderr
+    assert float(exposure.group(1)) <= 3.0, security.stdout[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -655,6 +704,8 @@ def test_remove_keeps_the_configuration_purge_removes_everything_and_reinstall_w
     assert systemd_leftovers == []
     # What stays, as Debian policy has it: the system group (files elsewhere may still carry its GID).
     assert grp.getgrnam(GROUP).gr_gid == gid
+    assert run(["getent", "passwd", WEB_USER], check=False).returncode == 0, "the system user stays too"
+    assert run(["dpkg-statoverride", "--list", str(WEB_CONFFILE)], check=False).stdout.strip() == ""
 
     installed.install(installed.builds.deb)
     assert package_state(PACKAGE) == "installed"

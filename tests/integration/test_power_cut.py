@@ -84,8 +84,9 @@ class PowerCutProof:
     def __init__(self, pi: SimulatedPi, workdir: Path) -> None:
         self.pi = pi
         self.workdir = workdir
-        self.fat_partitions = [1] if pi.layout == "prefix" else [1, 2, 3]
-        self.roots = {pi.image.root("a").number: "a", pi.image.root("b").number: "b"}
+        self.fat_partitions = sorted(part.number for part in pi.image.partitions
+                                     if part.role in ("boot", "autoboot") or part.role.startswith("boot_"))
+        self.roots = pi.roots()
         self.reports: list[StepReport] = []
 
     def node(self, number: int) -> str:
@@ -149,6 +150,11 @@ class PowerCutProof:
             if state.sectors:
                 moment = writes[state.index].time
             normal_ok = {committed[0], committed[1]}
+            # A committed slot that this step overwrites (main, written from recovery) is good only until its root
+            # is first written, and again only once it is committed after the step.
+            for slot in written & normal_ok:
+                if moment >= first_root_write[slot] and not (slot == committed[1] and moment > last_root_write[slot]):
+                    normal_ok.discard(slot)
             flagged_ok = set(normal_ok)
             before, after = armed
             if before is not None and (before not in written or moment < first_root_write[before]):
@@ -216,6 +222,45 @@ def test_every_power_cut_while_switching_slots_boots_a_good_slot(tmp_path: Path,
     for report in proof.reports:
         print(f"  {report.name}: {report.writes} writes, {report.states} states")
     assert total >= 100
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("layout", ["prefix", "autoboot"])
+def test_every_power_cut_in_main_and_recovery_boots_a_good_slot(tmp_path: Path, layout: str) -> None:
+    """Update mode in main + recovery: recovery armed once, committed before main is written, main tried and
+    committed; and a main that fails its health check, with recovery then the committed slot."""
+    (tmp_path / "device").mkdir()
+    with SimulatedPi(tmp_path / "device", layout, variant="main+recovery") as pi:  # type: ignore[arg-type]
+        proof = PowerCutProof(pi, tmp_path / "proof")
+        proof.workdir.mkdir()
+        proof.step("boot-check (main, provisioned)", pi.updater().boot_check, committed=("main", "main"),
+                   armed=(None, None))
+        proof.step("reboot recovery (arm recovery once)", lambda: pi.updater().reboot("recovery"),
+                   committed=("main", "main"), armed=(None, "recovery"))
+        assert pi.boot(tryboot=True) == "recovery"
+        proof.step("boot-check in recovery (disarm)", pi.updater().boot_check, committed=("main", "main"),
+                   armed=("recovery", None))
+        proof.step("update 1.1.0 from recovery (commit recovery, write main, arm main)",
+                   install_step(pi, root_image(tmp_path, "1.1.0"), "1.1.0"),
+                   committed=("main", "recovery"), armed=(None, "main"))
+        assert pi.boot(tryboot=True) == "main"
+        pi.set_health(False)
+        proof.step("boot-check on the trial of main (health fails: reject)", pi.updater().boot_check,
+                   committed=("recovery", "recovery"), armed=("main", None))
+        pi.set_health(True)
+        assert pi.boot(tryboot=False) == "recovery"
+        proof.step("update 1.2.0 from recovery (recovery committed already)",
+                   install_step(pi, root_image(tmp_path, "1.2.0"), "1.2.0"),
+                   committed=("recovery", "recovery"), armed=(None, "main"))
+        assert pi.boot(tryboot=True) == "main"
+        proof.step("boot-check on the trial of main (commit)", pi.updater().boot_check,
+                   committed=("recovery", "main"), armed=("main", None))
+        assert pi.slot_for(pi.firmware(tryboot=False)) == "main"
+    total = sum(report.states for report in proof.reports)
+    print(f"\n{layout} main+recovery: {total} crash states, {sum(r.writes for r in proof.reports)} recorded writes")
+    for report in proof.reports:
+        print(f"  {report.name}: {report.writes} writes, {report.states} states")
+    assert total >= 20
 
 
 def _stages_of(process: subprocess.Popen[str]) -> queue.Queue[str]:

@@ -53,7 +53,7 @@ MIRROR = os.environ.get("ABTEST_MIRROR", "http://deb.debian.org/debian")
 GUEST_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "kmod", "dbus", "polkitd", "libpam-systemd",
     "adduser", "dosfstools", "e2fsprogs", "fdisk", "mount", "mtools",
-    "python3", "python3-dbus-next", "python3-requests", "python3-tqdm", "python3-zstandard",
+    "python3", "python3-dbus-next", "python3-requests", "python3-tqdm", "python3-zstandard", "python3-aiohttp",
     # python3-zstandard depends on a virtual package (python3-cffi-backend-api-*) that debootstrap cannot resolve.
     "python3-cffi-backend",
     "linux-image-amd64",
@@ -65,7 +65,9 @@ BASE_RECIPE = "2"
 # and the libraries they use. The rest (GPU, sound, network cards, ...) is 300 MiB the guest never loads.
 KEPT_MODULE_DIRS = ("kernel/fs", "kernel/lib", "kernel/crypto", "kernel/arch", "kernel/block", "kernel/mm",
                     "kernel/drivers/virtio", "kernel/drivers/block", "kernel/drivers/char", "kernel/drivers/md",
-                    "kernel/drivers/watchdog")
+                    "kernel/drivers/watchdog",
+                    # virtio-net and what it needs, for the recovery scenario's upload over QEMU's user network.
+                    "kernel/drivers/net", "kernel/net")
 
 # The Pi firmware starts its hardware watchdog before the kernel when the config it read arms it
 # (kernel_watchdog_timeout, tests/pifirmware.py rule 6). QEMU's emulated i6300esb has no firmware to start it, so
@@ -240,6 +242,28 @@ say "state $(cat "${state_dir:-/var/lib/ab-flasher}/state.json" 2>/dev/null | on
 say "status $(ab-flasher status --json 2>&1 | one_line)"
 say "ctl-status $(abflasherctl status --json --no-ask-password 2>&1 | one_line)"
 say "watchdog $(systemctl show -p RuntimeWatchdogUSec --value) $(cat /sys/class/watchdog/watchdog0/state 2>/dev/null)"
+say "root-options $(findmnt -no OPTIONS /)"
+if [ -f /data/abtest/request-recovery ]; then
+    # Update mode, as the companion app asks for it over D-Bus (Reboot('recovery')).
+    rm -f /data/abtest/request-recovery
+    sync
+    say "reboot-recovery"
+    abflasherctl reboot recovery --no-ask-password 2>&1 | sed 's/^/ABTEST reboot-log /'
+    sleep 300
+    say "reboot-did-not-happen"
+fi
+if [ -f /etc/ab-flasher/abtest-recovery ]; then
+    # The recovery system: the host uploads through the page, which reboots the guest into the trial; wait.
+    for wait in $(seq 1 300); do
+        systemctl -q is-active ab-flasher-web.service && break
+        sleep 1
+    done
+    say "web $(systemctl is-active ab-flasher-web.service)"
+    journalctl -b -o cat -u ab-flasher-web.service | tail -n 5 | sed 's/^/ABTEST web-log /'
+    say "recovery-ready"
+    sleep 1800
+    say "recovery-timeout"
+fi
 if [ -f /data/abtest/request ]; then
     read -r image sha256 < /data/abtest/request
     rm -f /data/abtest/request

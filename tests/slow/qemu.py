@@ -12,8 +12,9 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,38 @@ class GuestBoot:
         return "\n".join(self.console.splitlines()[-lines:])
 
 
+class _MarkerAction:
+    """Something the host does while the guest runs, once the guest printed a marker (an upload to its page)."""
+
+    def __init__(self, key: str, action: Callable[[], None]) -> None:
+        self.key = key
+        self._action = action
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._action()
+        except BaseException as exc:  # handed to the test's thread in finish()
+            self._error = exc
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def finish(self) -> None:
+        if self._thread is None:
+            raise GuestError(f"the guest never printed '{MARKER} {self.key}'")
+        self._thread.join(timeout=600)
+        if self._error is not None:
+            raise self._error
+
+
 class QemuPi:
     """A Pi with ``disk``: the firmware model decides each boot, QEMU (TCG) runs it.
 
@@ -115,9 +148,13 @@ class QemuPi:
             run(["losetup", "-d", loop], timeout=60)
             source.unlink()
 
-    def boot(self, *, power_cut_after: tuple[str, float] | None = None) -> GuestBoot:
+    def boot(self, *, power_cut_after: tuple[str, float] | None = None, forward_port: int | None = None,
+             on_marker: tuple[str, Callable[[], None]] | None = None) -> GuestBoot:
         """One boot. ``power_cut_after=(key, seconds)``: QEMU is killed (a power cut) that long after the guest
-        printed ``ABTEST <key>``."""
+        printed ``ABTEST <key>``. ``forward_port``: the guest gets a network card on QEMU's user network, its port
+        80 reachable at 127.0.0.1:forward_port. ``on_marker=(key, action)``: once the guest printed ``ABTEST <key>``,
+        ``action`` runs in a thread of its own while the guest keeps running (its exception is raised after the
+        boot)."""
         partition_arg, tryboot = pifirmware.parse_reboot_argument(self._pending_reboot_argument())
         decision = self.decide(tryboot=tryboot, reboot_arg=partition_arg)
         root_partition = pifirmware.booted_root_partition(decision, pifirmware.read_mbr_table(self.disk.path))
@@ -139,7 +176,9 @@ class QemuPi:
         args = [
             "qemu-system-x86_64", "-M", "q35", "-accel", accel, "-cpu", "max" if accel == "tcg" else "host",
             "-smp", "2", "-m", "1024", "-nodefaults", "-display", "none", "-no-reboot",
-            "-serial", f"file:{console_path}", "-monitor", "none", "-nic", "none",
+            "-serial", f"file:{console_path}", "-monitor", "none",
+            *(["-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{forward_port}-:80"] if forward_port
+              else ["-nic", "none"]),
             "-device", "virtio-rng-pci",
             # The board's hardware watchdog: its reset, with -no-reboot, ends QEMU like any reset.
             "-device", "i6300esb", "-action", "watchdog=reset",
@@ -150,6 +189,7 @@ class QemuPi:
                  f"{' (tryboot)' if tryboot else ''}")
         started = time.monotonic()
         seen: dict[str, float] = {}
+        action = _MarkerAction(*on_marker) if on_marker else None
         with self.timings.phase(label), tempfile.TemporaryFile() as qemu_log:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT)
             ended = ""
@@ -157,7 +197,12 @@ class QemuPi:
                 while proc.poll() is None:
                     now = time.monotonic()
                     self._note_markers(console_path, seen, now)
-                    if power_cut_after and power_cut_after[0] in seen and \
+                    if action is not None and action.key in seen:
+                        action.start()
+                    if action is not None and action.failed:
+                        proc.kill()  # the guest would wait for the host in vain
+                        ended = "host-action-failed"
+                    elif power_cut_after and power_cut_after[0] in seen and \
                             now >= seen[power_cut_after[0]] + power_cut_after[1]:
                         proc.kill()
                         ended = "power-cut"
@@ -173,6 +218,8 @@ class QemuPi:
             self._note_markers(console_path, seen, time.monotonic())
             qemu_log.seek(0)
             qemu_output = qemu_log.read().decode(errors="replace")
+        if action is not None:
+            action.finish()
         console = console_path.read_text(errors="replace") if console_path.exists() else ""
         if not ended:
             if proc.returncode != 0:

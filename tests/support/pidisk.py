@@ -31,6 +31,7 @@ SECTOR = 512
 MIB = 1024 * 1024
 
 Layout = Literal["prefix", "autoboot"]
+Variant = Literal["ab", "ab+recovery", "main+recovery"]
 Slot = Literal["a", "b"]
 SwitchFiles = Literal["disarmed", "legacy"]
 SLOTS: tuple[Slot, Slot] = ("a", "b")
@@ -85,6 +86,11 @@ class PiDisk:
     layout: Layout
     signature: int
     partitions: tuple[PiPartition, ...]
+    variant: Variant = "ab"
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return tuple(part.role.removeprefix("root_") for part in self.partitions if part.role.startswith("root_"))
 
     def partition(self, number: int) -> PiPartition:
         for part in self.partitions:
@@ -541,3 +547,4 @@ def build_root_image(
         with path.open("wb") as fh:
             fh.truncate(size_mb * MIB)
         make_ext4(path, 0, size_mb * MIB, tree, label="rootfs", uuid="deadbeef-0000-4000-8000-000000000001")
+

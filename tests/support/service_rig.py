@@ -21,7 +21,7 @@ from tests.pifirmware import KernelNotFound
 from tests.support.bus import REPO, DBusDaemon, world_readable_tempdir
 from tests.support.clientvenv import ClientVenv
 from tests.support.httpserver import FaultServer
-from tests.support.pidisk import build_root_image
+from tests.support.pidisk import Variant, build_root_image
 from tests.support.polkit import POLKIT_RULES_DIR, PolkitDaemon, installed_polkit_files
 from tests.support.serviceprocess import config_file_text
 from tests.support.signals import SignalRecorder
@@ -108,10 +108,10 @@ def serve_image(server: FaultServer, path: str, image: Path, **faults: Any) -> N
     server.add(f"{path}.sha256", f"{hashlib.sha256(data).hexdigest()}  {name}\n".encode())
 
 
-def simulated_device(rig: Rig, tmp_path: Path, **config: object) -> Iterator[Device]:
-    """A simulated Pi (prefix layout, slot a 1.0.0 booted) and an HTTP server with its update images: raw ext4
-    images, slowed to about 4 s (/root-*.img) or a minute (/slow/*) so tests can act while they install.
-    ``config`` adds options to its ab-flasher.conf."""
+def simulated_device(rig: Rig, tmp_path: Path, variant: Variant = "ab", **config: object) -> Iterator[Device]:
+    """A simulated Pi (prefix layout, slot a 1.0.0 booted; ``variant``: with a recovery slot, main 1.0.0 booted)
+    and an HTTP server with its update images: raw ext4 images, slowed to about 4 s (/root-*.img) or a minute
+    (/slow/*) so tests can act while they install. ``config`` adds options to its ab-flasher.conf."""
     with FaultServer() as server:
         for version in ("1.1.0", "1.2.0"):
             serve_image(server, f"/root-{version}.img", rig.images[version], piece_delay=0.0025)
@@ -119,7 +119,7 @@ def simulated_device(rig: Rig, tmp_path: Path, **config: object) -> Iterator[Dev
         server.add("/latest", b"1.2.0\n")
         settings = {"image_url": server.url("/root-{version}.img"), "channel_url": server.url("/latest"), **config}
         (tmp_path / "pi").mkdir()
-        with SimulatedPi(tmp_path / "pi", "prefix", config=settings) as pi:
+        with SimulatedPi(tmp_path / "pi", "prefix", config=settings, variant=variant) as pi:
             config_path = tmp_path / "ab-flasher.conf"
             config_path.write_text(config_file_text(pi.config))
             yield Device(pi, server, config_path)

@@ -18,7 +18,8 @@ from abflasher.config import Config
 from abflasher.updater import Updater
 from tests import pifirmware
 from tests.support.loopdev import LoopDisk
-from tests.support.pidisk import Layout, PiDisk, SwitchFiles, build_pi_disk
+from tests.support.pidisk import Layout, PiDisk, SwitchFiles, Variant, build_pi_disk
+from tests.support.provisioned import build_provisioned_disk
 
 MIB = 1 << 20
 
@@ -35,13 +36,19 @@ class SimulatedPi:
         state_in_root: bool = False,
         config: dict[str, object] | None = None,
         switch_files: SwitchFiles = "disarmed",
+        variant: Variant = "ab",
+        root_extra_files: dict[str, bytes | str] | None = None,
     ) -> None:
         """``state_in_root``: keep ab-flasher's state where an installed system keeps it, in /var/lib of the running
         root (mounted read-write then), so each slot has its own copy; otherwise one directory outside the disk."""
         self.workdir = workdir
         self.layout = layout
-        self.image: PiDisk = build_pi_disk(workdir / "disk.img", layout, version_a=version_a, root_mb=root_mb,
-                                            switch_files=switch_files)
+        if variant == "ab":
+            self.image: PiDisk = build_pi_disk(workdir / "disk.img", layout, version_a=version_a, root_mb=root_mb,
+                                                switch_files=switch_files, root_extra_files=root_extra_files)
+        else:
+            self.image = build_provisioned_disk(workdir / "disk.img", layout, variant, version=version_a,
+                                                root_mb=root_mb, root_extra_files=root_extra_files)
         self.loop = LoopDisk(self.image.path)
         self.proc = workdir / "proc"
         self.root_mount = workdir / "root"
@@ -90,7 +97,7 @@ class SimulatedPi:
 
     def flush(self) -> None:
         """Drop cached blocks of the disk and its partitions so every reader sees what is on the medium."""
-        nodes = [self.loop.device, *(f"{self.loop.device}p{n}" for n in range(1, 8))]
+        nodes = [self.loop.device, *(f"{self.loop.device}p{n}" for n in range(1, 10))]
         for node in nodes:
             if os.path.exists(node):
                 subprocess.run(["blockdev", "--flushbufs", node], check=False, capture_output=True, timeout=60)
@@ -105,8 +112,11 @@ class SimulatedPi:
 
     def slot_for(self, decision: pifirmware.BootDecision) -> str:
         partition = self.root_partition_for(decision)
-        roots = {self.image.root("a").number: "a", self.image.root("b").number: "b"}
-        return roots[partition]
+        return self.roots()[partition]
+
+    def roots(self) -> dict[int, str]:
+        """Root partition number → slot name."""
+        return {self.image.root(name).number: name for name in self.image.slot_names}  # type: ignore[arg-type]
 
     def boot(self, *, tryboot: bool) -> str:
         """Reset the device (with or without the one-shot tryboot flag); returns the slot that came up."""

@@ -11,6 +11,7 @@ from abflasher.state import ArmedTrial, InstalledImage, SlotRecord, SlotState, S
 BOOT_ID = "this-boot"
 AB = (SlotView("a", SYSTEM), SlotView("b", SYSTEM))
 WITH_RECOVERY = (SlotView("recovery", RECOVERY), *AB)
+MAIN_RECOVERY = (SlotView("main", SYSTEM), SlotView("recovery", RECOVERY))
 
 
 def snap(
@@ -88,7 +89,9 @@ def test_a_primary_not_running_is_good_when_it_holds_a_version() -> None:
 def test_a_recovery_slot_reports_its_recorded_state() -> None:
     device = snap("a", "a", slots=WITH_RECOVERY)
     assert decisions.slot_state(device, state(recovery=SlotState.GOOD), "recovery", "r1", on_trial=False) == "good"
-    assert decisions.slot_state(device, state(), "recovery", "r1", on_trial=False) is SlotState.UNKNOWN
+    # Static, written once at provisioning: good as long as it holds a version.
+    assert decisions.slot_state(device, state(), "recovery", "r1", on_trial=False) is SlotState.GOOD
+    assert decisions.slot_state(device, state(), "recovery", "", on_trial=False) is SlotState.UNKNOWN
 
 
 @pytest.mark.parametrize(
@@ -144,9 +147,67 @@ def test_no_update_target_during_a_trial_or_after_a_rollback() -> None:
 def test_check_target() -> None:
     decisions.check_target(snap("a", "a"), "b")
     for device, target in ((snap("a", "a"), "a"), (snap("b", "a", flag=False), "a"),
-                           (snap("a", "a", slots=WITH_RECOVERY), "recovery")):
+                           (snap("main", "main", slots=MAIN_RECOVERY), "main")):
         with pytest.raises(errors.Busy, match="refusing to write it"):
             decisions.check_target(device, target)
+    for device in (snap("a", "a", slots=WITH_RECOVERY), snap("recovery", "recovery", slots=MAIN_RECOVERY),
+                   snap("main", "main", slots=MAIN_RECOVERY)):
+        with pytest.raises(errors.InvalidArgument, match="recovery slot: ab-flasher never writes it"):
+            decisions.check_target(device, "recovery")
+    # Main + recovery from recovery: main, the primary, may be written (recovery becomes the primary first).
+    decisions.check_target(snap("recovery", "main", slots=MAIN_RECOVERY), "main")
+
+
+# --------------------------------------------------------------------------------------------- main + recovery
+
+
+def test_main_and_recovery_update_target() -> None:
+    from_recovery = snap("recovery", "main", slots=MAIN_RECOVERY)
+    assert decisions.update_target(from_recovery, state()) == "main"
+    assert decisions.recovery_first(from_recovery, "main") == "recovery"
+    after_failed_main = snap("recovery", "recovery", slots=MAIN_RECOVERY)
+    assert decisions.update_target(after_failed_main, state()) == "main"
+    assert decisions.recovery_first(after_failed_main, "main") is None, "recovery is the primary already"
+    assert decisions.recovery_first(snap("recovery", "a", slots=WITH_RECOVERY), "b") is None
+    with pytest.raises(errors.Busy, match=r"cannot overwrite itself.*reboot recovery"):
+        decisions.update_target(snap("main", "main", slots=MAIN_RECOVERY), state())
+    with pytest.raises(errors.Busy, match="cannot overwrite itself"):
+        decisions.update_target(snap("main", "recovery", slots=MAIN_RECOVERY, flag=False), state())
+
+
+def test_recovery_promoted() -> None:
+    after = decisions.recovery_promoted(state(main=SlotState.GOOD), snap("recovery", "main", slots=MAIN_RECOVERY))
+    assert after.primary == "recovery"
+    assert after.slots["recovery"].state is SlotState.GOOD
+
+
+def test_recovery_boot_plan() -> None:
+    assert decisions.plan_recovery_boot(snap("a", "a", slots=WITH_RECOVERY)) == \
+        decisions.RecoveryBoot("recovery", tryboot=True)
+    assert decisions.plan_recovery_boot(snap("recovery", "recovery", slots=MAIN_RECOVERY)) == \
+        decisions.RecoveryBoot("recovery", tryboot=False)
+    with pytest.raises(errors.Incompatible, match="no recovery slot"):
+        decisions.plan_recovery_boot(snap("a", "a"))
+
+
+def test_a_recovery_boot_replaces_an_armed_trial() -> None:
+    device = snap("a", "a", slots=WITH_RECOVERY)
+    plan = decisions.plan_recovery_boot(device)
+    after = decisions.recovery_armed(state(trial="b", b=SlotState.TRIAL), device, plan)
+    assert after.trial is None
+    assert after.slots["b"].state is SlotState.BAD
+    # A trial running now is not replaced: the recovery boot ends it as a fallback, as any other reset would.
+    running = snap("b", "a", slots=WITH_RECOVERY, flag=True)
+    kept = decisions.recovery_armed(state(trial="b", b=SlotState.TRIAL), running, plan)
+    assert kept.trial is not None
+
+
+def test_recovery_failed_main_falls_back_to_recovery() -> None:
+    # main armed from recovery (recovery is the primary), then a reset without the flag: recovery runs again.
+    settled = decisions.normal_boot(snap("recovery", "recovery", slots=MAIN_RECOVERY), state(trial="main"))
+    assert settled.fell_back == "main"
+    assert settled.state.slots["main"].state is SlotState.BAD
+    assert settled.state.primary == "recovery"
 
 
 def test_recorded_merges_the_install_and_ends_a_trial_of_that_slot_only() -> None:

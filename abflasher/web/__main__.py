@@ -1,0 +1,5 @@
+import sys
+
+from abflasher.web.main import main
+
+sys.exit(main())
