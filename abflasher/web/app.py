@@ -50,8 +50,10 @@ def _state(request: web.Request) -> tuple[ServiceLink, Uploads, Guard]:
 
 
 def target_slot(slots: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The slot an upload would be written to: the system slot that is not running."""
-    return next((s for s in slots if s.get("role") == "system" and not s.get("booted")), None)
+    """The slot an upload would be written to (for the size cap and the page; the engine decides): a system slot
+    that is not running, one that is not the primary either when there is a choice (A/B + recovery)."""
+    candidates = [s for s in slots if s.get("role") == "system" and not s.get("booted")]
+    return next((s for s in candidates if not s.get("primary")), candidates[0] if candidates else None)
 
 
 async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
