@@ -12,7 +12,7 @@ import logging
 from importlib import resources
 from typing import Any
 
-from aiohttp import HttpVersion11, web
+from aiohttp import ClientPayloadError, HttpVersion11, web
 
 from abflasher import __version__, errors
 from abflasher.ctl_client import ServiceUnavailable, status_summary, unwrap
@@ -214,10 +214,20 @@ async def _no_automatic_continue(request: web.Request) -> None:
     (:func:`_chunks`), once the request has passed the checks, so a refused upload's body is never sent."""
 
 
+class ClientGone(Exception):
+    """The request's connection dropped before its body ended: not the end of the image."""
+
+
 async def _chunks(request: web.Request) -> Any:
     if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    while chunk := await request.content.read(CHUNK):
+    while True:
+        try:
+            chunk = await request.content.read(CHUNK)
+        except (ConnectionError, ClientPayloadError) as exc:
+            raise ClientGone(str(exc)) from exc
+        if not chunk:
+            return
         yield chunk
 
 
@@ -238,8 +248,15 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
     except UploadError as exc:
         await _cancel_soon(uploads, upload)
         return json_error(exc.status, str(exc), upload=upload.as_json())
+    except (ClientGone, asyncio.CancelledError) as exc:
+        # The client went away: nobody can continue a plain PUT, so the job is cancelled (and its bytes so far are
+        # never taken for a whole image).
+        log.info("upload %s: the client went away after %d bytes; cancelling its job", upload.id, upload.offset)
+        await _cancel_soon(uploads, upload)
+        if isinstance(exc, ClientGone):
+            raise web.HTTPBadRequest() from None  # nobody to answer
+        raise
     except BaseException:
-        # The client went away: nobody can continue a plain PUT, so the job is cancelled.
         await _cancel_soon(uploads, upload)
         raise
     result = await upload.wait_result()
@@ -347,7 +364,12 @@ async def tus_patch(request: web.Request) -> web.StreamResponse:
     if int(raw_offset) != upload.offset:
         return _tus_error(409, f"Upload-Offset {raw_offset} does not match the {upload.offset} bytes received; "
                                "ask with HEAD and continue from there")
-    await upload.receive(_chunks(request), limit=upload.length)
+    try:
+        await upload.receive(_chunks(request), limit=upload.length)
+    except ClientGone:
+        # Nobody to answer: the upload waits, paused, for the client to come back (HEAD, then PATCH).
+        log.info("upload %s: the connection dropped at byte %d; waiting for the client", upload.id, upload.offset)
+        raise web.HTTPBadRequest() from None
     if upload.length is not None and upload.offset == upload.length:
         await upload.finish()
     return web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(upload.offset)}))

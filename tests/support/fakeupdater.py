@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import select
 import sys
 import threading
 import time
@@ -128,6 +129,10 @@ class FakeUpdater:
                 if cancel.is_set():
                     raise errors.Cancelled("the install was cancelled")
                 if request.fd is not None:
+                    # As the engine's FdSource: wait for data while looking at the cancel event, so a silent
+                    # uploader cannot hold the job.
+                    if not select.select([request.fd], [], [], 0.05)[0]:
+                        continue
                     try:
                         data = os.read(request.fd, self.chunk)
                     except OSError as exc:

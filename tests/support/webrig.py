@@ -95,6 +95,7 @@ class WebProcess:
         self.config.write_text(web_config_text(self.port, **options))
         self.config.chmod(0o644)
         self.log = workdir / "web.log"
+        self._final_log = ""
         argv = [python, "-m", "abflasher.web", "--config", self.config]
         with open(self.log, "ab") as log:
             if user is None:
@@ -116,7 +117,10 @@ class WebProcess:
             return probe.connect_ex(("127.0.0.1", self.port)) == 0
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        """Its log (kept after close(), which removes its directory)."""
+        if self.log.exists():
+            self._final_log = self.log.read_text(errors="replace")
+        return self._final_log
 
     @property
     def server_pid(self) -> int:
@@ -132,6 +136,7 @@ class WebProcess:
     def close(self) -> None:
         # runuser passes SIGTERM on to the server, which cancels an upload's job before it exits.
         stop_process(self.process)
+        self.log_text()
         subprocess.run(["rm", "-rf", str(self.config.parent)], check=False, timeout=60)
 
     def __enter__(self) -> WebProcess:
