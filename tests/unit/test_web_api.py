@@ -29,11 +29,14 @@ IMAGE = bytes(1080) + b"\x53\xef" + bytes(4 * 1024 * 1024 - 1082)
 
 
 @pytest.fixture
-def fake_bus(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit]) -> Iterator[DBusDaemon]:
-    """The service with the fake engine (a fresh one per test) on the module's bus."""
+def fake_bus(bus_and_polkit: tuple[DBusDaemon, DbusmockPolkit], request: pytest.FixtureRequest) -> Iterator[DBusDaemon]:
+    """The service with the fake engine (a fresh one per test) on the module's bus; ``request.param`` (indirect
+    parametrization) says whether it has a recovery slot: none (default), present, or booted."""
     bus, polkit = bus_and_polkit
     asyncio.run(polkit.set_allowed(ACTIONS))
-    fake = [sys.executable, "-m", "tests.support.fakeupdater", "serve-fake", "--chunk-delay", "0.01"]
+    recovery = getattr(request, "param", "none")
+    fake = [sys.executable, "-m", "tests.support.fakeupdater", "serve-fake", "--chunk-delay", "0.01",
+            "--recovery", recovery]
     with ServiceProcess(fake, bus, cwd=REPO):
         yield bus
 
@@ -152,3 +155,51 @@ def test_a_plain_upload_whose_connection_drops_is_cancelled_not_installed(fake_b
         assert status["upload"]["result"]["error"] == "Cancelled", status
         assert status["state"] == "idle"
         assert next(s for s in status["slots"] if s["name"] == "b")["version"] != "from-fd"
+
+
+def web_command(bus: DBusDaemon, tmp_path: Path, config: str, *args: str) -> subprocess.CompletedProcess[str]:
+    conf = tmp_path / "web.conf"
+    conf.write_text(config)
+    return subprocess.run([sys.executable, "-m", "abflasher.web", "--config", str(conf), *args], env=bus.env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("fake_bus", "config", "enabled", "why"), [
+    ("booted", "", True, "the booted slot is the recovery system"),
+    ("present", "", False, "not the recovery system"),
+    ("none", "", False, "not the recovery system"),
+    ("none", "[web]\nenabled = yes\n", True, "enabled = yes"),
+    ("booted", "[web]\nenabled = no\n", False, "enabled = no"),
+], indirect=["fake_bus"])
+def test_the_page_serves_in_update_mode_unless_configured_otherwise(
+        fake_bus: DBusDaemon, tmp_path: Path, config: str, enabled: bool, why: str) -> None:
+    check = web_command(fake_bus, tmp_path, config, "--check-enabled")
+    assert check.returncode == (0 if enabled else 1), check.stderr
+    assert why in check.stderr
+    if not enabled:
+        # Started anyway (without the unit's ExecCondition), it says why it does not serve, and exits 0.
+        served = web_command(fake_bus, tmp_path, config)
+        assert served.returncode == 0, served.stderr
+        assert "not serving" in served.stderr
+
+
+def test_hash_password_prints_a_config_line_that_logs_in(fake_bus: DBusDaemon, tmp_path: Path) -> None:
+    made = subprocess.run([sys.executable, "-m", "abflasher.web", "--hash-password"], input="s3cret\n", text=True,
+                          capture_output=True, timeout=60, check=False, cwd=REPO)
+    assert made.returncode == 0, made.stderr
+    line = made.stdout.strip()
+    assert line.startswith("password_hash = scrypt$")
+    empty = subprocess.run([sys.executable, "-m", "abflasher.web", "--hash-password"], input="\n", text=True,
+                           capture_output=True, timeout=60, check=False, cwd=REPO)
+    assert empty.returncode == 2
+    assert "the password is empty" in empty.stderr
+    with WebProcess(fake_bus, sys.executable, password_hash=line.split(" = ", 1)[1]) as web:
+        client = WebClient(web)
+        assert client.login("s3cret").status_code == 200
+        assert client.login(PASSWORD).status_code == 401
+
+
+def test_a_bad_configuration_is_refused_with_its_reason(fake_bus: DBusDaemon, tmp_path: Path) -> None:
+    done = web_command(fake_bus, tmp_path, "[web]\nport = 99999\n")
+    assert done.returncode == 2
+    assert "port = '99999': use a port number (1-65535)" in done.stderr
