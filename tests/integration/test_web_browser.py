@@ -309,6 +309,13 @@ def test_on_the_recovery_system_a_banner_says_so(fake_device: WebProcess, browse
 def test_a_device_with_a_recovery_slot_offers_update_mode(fake_device: WebProcess, browser: WebDriver) -> None:
     log_in(browser, fake_device)
     assert not element(browser, "recovery-banner").is_displayed()
+    # A file dropped on the drop zone is chosen like one picked with the file input.
+    browser.execute_script(
+        "const data = new DataTransfer();"
+        "data.items.add(new File([new Uint8Array(2048)], 'dropped.img.gz'));"
+        "document.getElementById('drop-zone').dispatchEvent(new DragEvent('drop', {dataTransfer: data}));")
+    wait_for(browser, lambda d: "dropped.img.gz (2.0 kB)" in element(d, "file-name").text, "the dropped file")
+    assert element(browser, "upload-button").is_enabled()
     button = element(browser, "enter-update-mode")
     assert button.is_displayed()
     button.click()
