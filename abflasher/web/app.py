@@ -113,16 +113,18 @@ async def static_asset(request: web.Request) -> web.StreamResponse:
 async def get_session(request: web.Request) -> web.StreamResponse:
     _link, _uploads, guard = _state(request)
     session = guard.session_of(request)
-    response = web.json_response({})
+    cookie = None
     if session is None and not guard.config.login_required:
-        session = guard.new_session(response)
-    response.text = json.dumps({
+        cookie, session = guard.new_session()
+    response = web.json_response({
         "login_required": guard.config.login_required,
         "password_set": bool(guard.config.password_hash),
         "authenticated": session is not None,
         "csrf_token": session.csrf_token if session else None,
         "csrf_header": CSRF_HEADER,
     })
+    if cookie is not None:
+        guard.set_cookie(response, cookie)
     return response
 
 
@@ -139,9 +141,10 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not await guard.check_password(password):
         log.warning("login refused (wrong password) from %s", request.remote)
         return json_error(401, "wrong password", login=True)
-    response = web.json_response({})
-    session = guard.new_session(response)
-    response.text = json.dumps({"authenticated": True, "csrf_token": session.csrf_token, "csrf_header": CSRF_HEADER})
+    cookie, session = guard.new_session()
+    response = web.json_response({"authenticated": True, "csrf_token": session.csrf_token,
+                                  "csrf_header": CSRF_HEADER})
+    guard.set_cookie(response, cookie)
     log.info("login from %s", request.remote)
     return response
 
@@ -176,8 +179,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             await _send_event(response, event)
             if event["event"] in ("completed", "service-stopped"):
                 await _send_event(response, {"event": "status", **await status_json(link, uploads)})
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the reader went away
     finally:
         link.unsubscribe(queue)
     return response

@@ -89,7 +89,8 @@ class Guard:
             return None
         return session
 
-    def new_session(self, response: web.StreamResponse) -> Session:
+    def new_session(self) -> tuple[str, Session]:
+        """A new session: (its cookie's value, the session)."""
         now = time.monotonic()
         for token in [t for t, s in self._sessions.items() if s.expires < now]:
             del self._sessions[token]
@@ -98,9 +99,11 @@ class Guard:
         token = secrets.token_urlsafe(32)
         session = Session(secrets.token_urlsafe(32), now + self.config.session_lifetime)
         self._sessions[token] = session
+        return token, session
+
+    def set_cookie(self, response: web.StreamResponse, token: str) -> None:
         response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", secure=self.config.tls,
                             path="/", max_age=int(self.config.session_lifetime))
-        return session
 
     def end_session(self, request: web.Request, response: web.StreamResponse) -> None:
         self._sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)

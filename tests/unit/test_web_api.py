@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -203,3 +206,40 @@ def test_a_bad_configuration_is_refused_with_its_reason(fake_bus: DBusDaemon, tm
     done = web_command(fake_bus, tmp_path, "[web]\nport = 99999\n")
     assert done.returncode == 2
     assert "port = '99999': use a port number (1-65535)" in done.stderr
+
+
+def test_the_event_stream_reports_the_upload_and_the_job(fake_bus: DBusDaemon) -> None:
+    with WebProcess(fake_bus, sys.executable) as web:
+        client = WebClient(web)
+        assert client.login().status_code == 200
+        stream = client.http.get(web.url("/api/events"), stream=True, timeout=60)
+        assert stream.headers["Content-Type"] == "text/event-stream"
+        lines = stream.iter_lines(decode_unicode=True)
+
+        def next_event() -> dict[str, Any]:
+            for line in lines:
+                if line.startswith("data: "):
+                    event: dict[str, Any] = json.loads(line[len("data: "):])
+                    return event
+            raise AssertionError("the event stream ended")
+
+        assert next_event()["event"] == "status"
+        uploading = threading.Thread(target=client.request, args=("PUT", "/api/upload"), kwargs={"data": IMAGE})
+        uploading.start()
+        try:
+            seen = [next_event()]
+            while seen[-1]["event"] != "completed":
+                seen.append(next_event())
+            seen.append(next_event())
+        finally:
+            uploading.join(60)
+            stream.close()
+        kinds = [event["event"] for event in seen]
+        assert {"upload", "progress"} <= set(kinds), kinds
+        stages = [event["stage"] for event in seen if event["event"] == "progress"]
+        assert (stages[0], stages[-1]) == ("writing", "verifying"), stages
+        assert seen[-2]["success"] is True
+        assert seen[-1]["event"] == "status", "a fresh status follows the end of a job"
+        uploads = [event for event in seen if event["event"] == "upload"]
+        assert {"receiving", "received"} <= {event["state"] for event in uploads}
+        assert uploads[-1]["offset"] == len(IMAGE)
