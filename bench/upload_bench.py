@@ -15,8 +15,8 @@ device; and the memory and storage writes of both processes during the upload.
 The image is ctl_bench's (bench/install_bench.py's cached ext4 of ``--size-mb`` MiB with a /.ab_version, gzip -6);
 the device tests/support/simpi.py's simulated Pi; the bus a private dbus-daemon with python-dbusmock's polkitd
 template granting the actions (the benchmark measures streaming, not polkit); the page runs with a password, which
-curl sends. Needs root. The last line printed is one JSON object; exits 0 whether or not the targets were met, non-zero
-when a step failed.
+curl sends (the page runs as root here: the bus is permissive). Needs root. The last line printed is one JSON
+object; exits 0 whether or not the targets were met, non-zero when a step failed.
 """
 
 from __future__ import annotations
@@ -40,19 +40,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from abflasher.web.settings import hash_password  # noqa: E402
-from tests.support.bus import DBusDaemon, stop_process, wait_until  # noqa: E402
+from tests.support.bus import DBusDaemon  # noqa: E402
 from tests.support.polkit import DbusmockPolkit  # noqa: E402
 from tests.support.serviceprocess import ServiceProcess, config_file_text, rss_kib  # noqa: E402
 from tests.support.simpi import SimulatedPi  # noqa: E402
-from tests.support.webrig import free_port  # noqa: E402
+from tests.support.webrig import PASSWORD, WebProcess  # noqa: E402
 
 MIB = 1 << 20
 TARGET_RATIO = 0.8
 TARGET_PEAK_RSS_MB = 64.0
 PAGE_WRITE_LIMIT = 1 * MIB
 SERVICE_EXTRA_WRITE_LIMIT = 16 * MIB
-PASSWORD = "bench"
 RUN_TIMEOUT = 3600.0
 
 
@@ -81,36 +79,6 @@ def storage_writes(pid: int) -> int:
     raise BenchError(f"no write_bytes for {pid}")
 
 
-class Page:
-    """ab-flasher-web on ``bus`` (as root: the private bus is permissive), with a password."""
-
-    def __init__(self, python: str, bus: DBusDaemon, workdir: Path) -> None:
-        self.port = free_port()
-        config = workdir / "web.conf"
-        config.write_text(f"[web]\nenabled = yes\nlisten_address = 127.0.0.1\nport = {self.port}\n"
-                          f"password_hash = {hash_password(PASSWORD)}\n")
-        self.log = workdir / "web.log"
-        with open(self.log, "ab") as log_file:
-            self.process = subprocess.Popen([python, "-m", "abflasher.web", "--config", str(config)], env=bus.env(),
-                                            cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
-        wait_until(self._listening, timeout=30, what="the page to listen")
-
-    def _listening(self) -> bool:
-        import socket
-
-        if self.process.poll() is not None:
-            raise BenchError(f"ab-flasher-web exited: {self.log.read_text(errors='replace')}")
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", self.port)) == 0
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def close(self) -> None:
-        stop_process(self.process)
-
-
 def time_ctl(python: str, bus: DBusDaemon, image: Path) -> float:
     env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=bus.address)
     started = time.perf_counter()
@@ -124,10 +92,10 @@ def time_ctl(python: str, bus: DBusDaemon, image: Path) -> float:
     return seconds
 
 
-def time_upload(page: Page, image: Path) -> float:
+def time_upload(page: WebProcess, image: Path) -> float:
     started = time.perf_counter()
-    done = subprocess.run(["curl", "-sS", "-u", f":{PASSWORD}", "-T", str(image),
-                           f"http://127.0.0.1:{page.port}/api/upload", "-w", "\n%{http_code}"],
+    done = subprocess.run(["curl", "-sS", "-u", f":{PASSWORD}", "-T", str(image), page.url("/api/upload"), "-w",
+                           "\n%{http_code}"],
                           capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
     seconds = time.perf_counter() - started
     if not done.stdout.endswith("\n200"):
@@ -151,25 +119,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     asyncio.run(polkit.set_allowed(["org.abflasher.update", "org.abflasher.update-from-source"]))
                     daemon = [args.python, "-m", "abflasher.service.daemon", "--config", str(config_path)]
-                    with ServiceProcess(daemon, bus, cwd=REPO) as service:
-                        page = Page(args.python, bus, workdir)
-                        try:
-                            return _rounds(args, bus, service, page, image=image, raw_bytes=raw_bytes)
-                        finally:
-                            page.close()
+                    # The page as root: the private bus is permissive.
+                    with ServiceProcess(daemon, bus, cwd=REPO) as service, WebProcess(bus, args.python) as page:
+                        return _rounds(args, bus, service, page, image=image, raw_bytes=raw_bytes)
                 finally:
                     polkit.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _rounds(args: argparse.Namespace, bus: DBusDaemon, service: ServiceProcess, page: Page, *, image: Path,
+def _rounds(args: argparse.Namespace, bus: DBusDaemon, service: ServiceProcess, page: WebProcess, *, image: Path,
             raw_bytes: int) -> dict[str, Any]:
     ctl_runs: list[float] = []
     upload_runs: list[float] = []
     page_writes: list[int] = []
     service_writes: list[int] = []
-    page_sampler = ctl_bench.RssSampler(page.pid)
+    page_sampler = ctl_bench.RssSampler(page.server_pid)
     service_sampler = ctl_bench.RssSampler(service.pid)
     for round_number in range(1, args.repeat + 1):
         log(f"round {round_number}/{args.repeat}: abflasherctl update --file ...")
@@ -177,11 +142,11 @@ def _rounds(args: argparse.Namespace, bus: DBusDaemon, service: ServiceProcess, 
         ctl_runs.append(time_ctl(args.python, bus, image))
         log(f"round {round_number}/{args.repeat}: curl -T to the page ...")
         install_bench.drop_caches()
-        page_before, service_before = storage_writes(page.pid), storage_writes(service.pid)
+        page_before, service_before = storage_writes(page.server_pid), storage_writes(service.pid)
         upload_runs.append(time_upload(page, image))
-        page_writes.append(storage_writes(page.pid) - page_before)
+        page_writes.append(storage_writes(page.server_pid) - page_before)
         service_writes.append(storage_writes(service.pid) - service_before)
-    page_peak = max(page_sampler.stop(), rss_kib(page.pid)[1]) / 1024
+    page_peak = max(page_sampler.stop(), rss_kib(page.server_pid)[1]) / 1024
     service_peak = max(service_sampler.stop(), rss_kib(service.pid)[1]) / 1024
     ctl_median, upload_median = statistics.median(ctl_runs), statistics.median(upload_runs)
     ratio = ctl_median / upload_median

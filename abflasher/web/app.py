@@ -12,7 +12,7 @@ import logging
 from importlib import resources
 from typing import Any
 
-from aiohttp import HttpVersion11, web
+from aiohttp import ClientPayloadError, HttpVersion11, web
 
 from abflasher import __version__, errors
 from abflasher.ctl_client import ServiceUnavailable, status_summary, unwrap
@@ -50,8 +50,10 @@ def _state(request: web.Request) -> tuple[ServiceLink, Uploads, Guard]:
 
 
 def target_slot(slots: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The slot an upload would be written to: the system slot that is not running."""
-    return next((s for s in slots if s.get("role") == "system" and not s.get("booted")), None)
+    """The slot an upload would be written to (for the size cap and the page; the engine decides): a system slot
+    that is not running, one that is not the primary either when there is a choice (A/B + recovery)."""
+    candidates = [s for s in slots if s.get("role") == "system" and not s.get("booted")]
+    return next((s for s in candidates if not s.get("primary")), candidates[0] if candidates else None)
 
 
 async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
@@ -111,16 +113,18 @@ async def static_asset(request: web.Request) -> web.StreamResponse:
 async def get_session(request: web.Request) -> web.StreamResponse:
     _link, _uploads, guard = _state(request)
     session = guard.session_of(request)
-    response = web.json_response({})
+    cookie = None
     if session is None and not guard.config.login_required:
-        session = guard.new_session(response)
-    response.text = json.dumps({
+        cookie, session = guard.new_session()
+    response = web.json_response({
         "login_required": guard.config.login_required,
         "password_set": bool(guard.config.password_hash),
         "authenticated": session is not None,
         "csrf_token": session.csrf_token if session else None,
         "csrf_header": CSRF_HEADER,
     })
+    if cookie is not None:
+        guard.set_cookie(response, cookie)
     return response
 
 
@@ -137,9 +141,10 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not await guard.check_password(password):
         log.warning("login refused (wrong password) from %s", request.remote)
         return json_error(401, "wrong password", login=True)
-    response = web.json_response({})
-    session = guard.new_session(response)
-    response.text = json.dumps({"authenticated": True, "csrf_token": session.csrf_token, "csrf_header": CSRF_HEADER})
+    cookie, session = guard.new_session()
+    response = web.json_response({"authenticated": True, "csrf_token": session.csrf_token,
+                                  "csrf_header": CSRF_HEADER})
+    guard.set_cookie(response, cookie)
     log.info("login from %s", request.remote)
     return response
 
@@ -174,8 +179,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             await _send_event(response, event)
             if event["event"] in ("completed", "service-stopped"):
                 await _send_event(response, {"event": "status", **await status_json(link, uploads)})
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the reader went away
     finally:
         link.unsubscribe(queue)
     return response
@@ -212,10 +217,20 @@ async def _no_automatic_continue(request: web.Request) -> None:
     (:func:`_chunks`), once the request has passed the checks, so a refused upload's body is never sent."""
 
 
+class ClientGone(Exception):
+    """The request's connection dropped before its body ended: not the end of the image."""
+
+
 async def _chunks(request: web.Request) -> Any:
     if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    while chunk := await request.content.read(CHUNK):
+    while True:
+        try:
+            chunk = await request.content.read(CHUNK)
+        except (ConnectionError, ClientPayloadError) as exc:
+            raise ClientGone(str(exc)) from exc
+        if not chunk:
+            return
         yield chunk
 
 
@@ -236,8 +251,15 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
     except UploadError as exc:
         await _cancel_soon(uploads, upload)
         return json_error(exc.status, str(exc), upload=upload.as_json())
+    except (ClientGone, asyncio.CancelledError) as exc:
+        # The client went away: nobody can continue a plain PUT, so the job is cancelled (and its bytes so far are
+        # never taken for a whole image).
+        log.info("upload %s: the client went away after %d bytes; cancelling its job", upload.id, upload.offset)
+        await _cancel_soon(uploads, upload)
+        if isinstance(exc, ClientGone):
+            raise web.HTTPBadRequest() from None  # nobody to answer
+        raise
     except BaseException:
-        # The client went away: nobody can continue a plain PUT, so the job is cancelled.
         await _cancel_soon(uploads, upload)
         raise
     result = await upload.wait_result()
@@ -345,7 +367,12 @@ async def tus_patch(request: web.Request) -> web.StreamResponse:
     if int(raw_offset) != upload.offset:
         return _tus_error(409, f"Upload-Offset {raw_offset} does not match the {upload.offset} bytes received; "
                                "ask with HEAD and continue from there")
-    await upload.receive(_chunks(request), limit=upload.length)
+    try:
+        await upload.receive(_chunks(request), limit=upload.length)
+    except ClientGone:
+        # Nobody to answer: the upload waits, paused, for the client to come back (HEAD, then PATCH).
+        log.info("upload %s: the connection dropped at byte %d; waiting for the client", upload.id, upload.offset)
+        raise web.HTTPBadRequest() from None
     if upload.length is not None and upload.offset == upload.length:
         await upload.finish()
     return web.Response(status=204, headers=_tus_headers(**{"Upload-Offset": str(upload.offset)}))

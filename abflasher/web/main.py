@@ -21,7 +21,7 @@ from aiohttp import web
 
 from abflasher import __version__, errors
 from abflasher.ctl_client import unwrap
-from abflasher.web.app import make_app
+from abflasher.web.app import CHUNK, make_app
 from abflasher.web.servicelink import ServiceLink
 from abflasher.web.settings import DEFAULT_PATH, WebConfig, hash_password, load_web_config
 from abflasher.web.uploads import Uploads
@@ -81,7 +81,9 @@ async def serve(config: WebConfig) -> int:
         if config.tls:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(config.tls_certificate, config.tls_key)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # read_bufsize: aiohttp stops reading the socket once twice this much of a body waits to be read; one chunk
+        # of it is what the upload handlers take at a time.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, read_bufsize=CHUNK)
         await runner.setup()
         site = web.TCPSite(runner, config.listen_address, config.port, ssl_context=ssl_context)
         try:

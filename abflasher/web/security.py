@@ -89,7 +89,8 @@ class Guard:
             return None
         return session
 
-    def new_session(self, response: web.StreamResponse) -> Session:
+    def new_session(self) -> tuple[str, Session]:
+        """A new session: (its cookie's value, the session)."""
         now = time.monotonic()
         for token in [t for t, s in self._sessions.items() if s.expires < now]:
             del self._sessions[token]
@@ -98,9 +99,11 @@ class Guard:
         token = secrets.token_urlsafe(32)
         session = Session(secrets.token_urlsafe(32), now + self.config.session_lifetime)
         self._sessions[token] = session
+        return token, session
+
+    def set_cookie(self, response: web.StreamResponse, token: str) -> None:
         response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", secure=self.config.tls,
                             path="/", max_age=int(self.config.session_lifetime))
-        return session
 
     def end_session(self, request: web.Request, response: web.StreamResponse) -> None:
         self._sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
@@ -130,7 +133,8 @@ class Guard:
             return json_error(403, cross_site)
         session = self.session_of(request)
         if session is not None:
-            if request.method not in SAFE_METHODS:
+            # Logging in (again) needs no token: there is no session to ride yet; the Origin check covers it.
+            if request.method not in SAFE_METHODS and not public:
                 token = request.headers.get(CSRF_HEADER, "")
                 if not token:
                     return json_error(403, f"missing CSRF token (the {CSRF_HEADER} header); reload the page")

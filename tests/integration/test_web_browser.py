@@ -8,8 +8,11 @@ prints where.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
+import shutil
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.support.bus import REPO
+from tests.support.bus import REPO, DBusDaemon, world_readable_tempdir
+from tests.support.polkit import DbusmockPolkit
 from tests.support.service_rig import Device, Rig, service_rig, simulated_device
 from tests.support.serviceprocess import ServiceProcess
 from tests.support.webrig import PASSWORD, WebClient, WebProcess, granted_web_user
@@ -57,8 +61,28 @@ def device(rig: Rig, tmp_path: Path) -> Iterator[Device]:
 @pytest.fixture
 def web(rig: Rig, web_user: str, device: Device) -> Iterator[WebProcess]:
     with ServiceProcess([rig.venv.daemon, "--config", device.config_path], rig.bus), \
-            WebProcess(rig, web_user) as process:
+            WebProcess(rig.bus, rig.venv.python, web_user) as process:
         yield process
+
+
+@pytest.fixture
+def fake_device(request: pytest.FixtureRequest) -> Iterator[WebProcess]:
+    """The page against the real service process with a fake engine (tests/support/fakeupdater.py) whose slots
+    include a recovery slot (``request.param``: present, or booted): the recovery layouts without their disk."""
+    workdir = world_readable_tempdir("abft-fake-")
+    try:
+        with DBusDaemon.permissive(workdir) as bus:
+            polkit = DbusmockPolkit(bus.address, workdir)
+            try:
+                asyncio.run(polkit.set_allowed(["org.abflasher.update", "org.abflasher.update-from-source",
+                                                "org.abflasher.manage-boot"]))
+                fake = [sys.executable, "-m", "tests.support.fakeupdater", "serve-fake", "--recovery", request.param]
+                with ServiceProcess(fake, bus, cwd=REPO), WebProcess(bus, sys.executable) as web:
+                    yield web
+            finally:
+                polkit.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +288,39 @@ def test_a_corrupt_image_is_refused_and_changes_nothing(
         # (never bootable); the rest of the table is as before.
         assert rows_after[0] == rows_before[0]
         assert rows_after[1] == [*rows_before[1][:5], "incomplete"]
+
+
+@pytest.mark.parametrize("fake_device", ["booted"], indirect=True)
+def test_on_the_recovery_system_a_banner_says_so(fake_device: WebProcess, browser: WebDriver,
+                                                 artifacts: Path) -> None:
+    log_in(browser, fake_device)
+    banner = element(browser, "recovery-banner")
+    assert banner.is_displayed()
+    assert "Update mode" in banner.text
+    assert row_of(browser, "recovery")[:6] == ["recovery", "recovery", "1.0-recovery", "yes", "yes", "good"]
+    assert "slot a" in element(browser, "target-info").text, "from recovery the upload goes into the main slot"
+    assert not element(browser, "enter-update-mode").is_displayed(), "already in update mode"
+    browser.set_window_size(*PHONE)
+    assert fits_the_viewport(browser)
+    screenshot(browser, artifacts, "07-phone-recovery-banner")
+
+
+@pytest.mark.parametrize("fake_device", ["present"], indirect=True)
+def test_a_device_with_a_recovery_slot_offers_update_mode(fake_device: WebProcess, browser: WebDriver) -> None:
+    log_in(browser, fake_device)
+    assert not element(browser, "recovery-banner").is_displayed()
+    # A file dropped on the drop zone is chosen like one picked with the file input.
+    browser.execute_script(
+        "const data = new DataTransfer();"
+        "data.items.add(new File([new Uint8Array(2048)], 'dropped.img.gz'));"
+        "document.getElementById('drop-zone').dispatchEvent(new DragEvent('drop', {dataTransfer: data}));")
+    wait_for(browser, lambda d: "dropped.img.gz (2.0 kB)" in element(d, "file-name").text, "the dropped file")
+    assert element(browser, "upload-button").is_enabled()
+    button = element(browser, "enter-update-mode")
+    assert button.is_displayed()
+    button.click()
+    wait_for(browser, expected_conditions.alert_is_present(), "the confirmation")
+    assert "update mode" in browser.switch_to.alert.text
+    browser.switch_to.alert.accept()
+    wait_for(browser, lambda d: "rebooting" in element(d, "service-state").text, "the rebooting notice")
+    assert "reboot (recovery) requested" in fake_device.log_text()

@@ -84,7 +84,7 @@ def test_a_large_upload_streams_in_bounded_memory_and_writes_only_the_target(
         config = tmp_path / "ab-flasher.conf"
         config.write_text(config_file_text(pi.config))
         with ServiceProcess([rig.venv.daemon, "--config", config], rig.bus) as service, \
-                WebProcess(rig, web_user) as web:
+                WebProcess(rig.bus, rig.venv.python, web_user) as web:
             page_pid = web.server_pid
             page_writes_before = storage_writes(page_pid)
             service_writes_before = storage_writes(service.pid)

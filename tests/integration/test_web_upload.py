@@ -58,7 +58,7 @@ def service(rig: Rig, device: Device) -> Iterator[ServiceProcess]:
 
 @pytest.fixture
 def web(rig: Rig, web_user: str, service: ServiceProcess) -> Iterator[WebProcess]:
-    with WebProcess(rig, web_user) as process:
+    with WebProcess(rig.bus, rig.venv.python, web_user) as process:
         yield process
 
 
@@ -344,7 +344,7 @@ def test_an_image_larger_than_the_slot_is_refused_declared_or_streamed(
 def test_a_web_user_without_the_polkit_rights_is_refused(rig: Rig, device: Device, service: ServiceProcess,
                                                           client: WebClient) -> None:
     """The page run as a user the rule does not name (its rights removed) gets polkit's refusal, and says so."""
-    with WebProcess(rig, rig.users.outsider) as unprivileged:
+    with WebProcess(rig.bus, rig.venv.python, rig.users.outsider) as unprivileged:
         page = WebClient(unprivileged)
         assert page.login().status_code == 200
         before = Snapshot.take(device, page)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import hashlib
 import os
+import select
 import sys
 import threading
 import time
@@ -53,8 +54,9 @@ class FakeUpdater:
 
     def __init__(
         self, *, image_size: int = 4 * MIB, chunk: int = 256 * 1024, chunk_delay: float = 0.0,
-        booted_version: str = "1.0", hold: threading.Event | None = None,
+        booted_version: str = "1.0", hold: threading.Event | None = None, recovery: str = "none",
     ) -> None:
+        """``recovery``: none | present (a recovery slot besides a and b) | booted (and it is the running one)."""
         self.image_size = image_size
         self.chunk = chunk
         self.chunk_delay = chunk_delay
@@ -63,6 +65,10 @@ class FakeUpdater:
         self.slots = {"a": FakeSlot("a", booted_version, "good"), "b": FakeSlot("b", "", "unknown")}
         self.booted = "a"
         self.primary = "a"
+        if recovery != "none":
+            self.slots["recovery"] = FakeSlot("recovery", "1.0-recovery", "good", role="recovery")
+        if recovery == "booted":
+            self.booted = self.primary = "recovery"
         self.trial = False
         self.calls: list[tuple[str, Any]] = []
         self.fds_closed: list[int] = []
@@ -100,7 +106,7 @@ class FakeUpdater:
             raise errors.UpToDate(f"version {booted} is already running")
         if request.version and request.version < booted and not request.allow_downgrade:
             raise errors.Downgrade(f"{request.version} is older than the running {booted}; allow a downgrade")
-        target = "b" if self.booted == "a" else "a"
+        target = "b" if self.booted == "a" else "a"  # from recovery: slot a (main)
         source = f"fd {request.fd}" if request.fd is not None else f"https://example.invalid/{request.version}.img.gz"
         return PreparedUpdate(request=request, target_slot=target, image_url=source,
                               description=f"install {request.version or 'image'} from {source} into slot {target}")
@@ -125,6 +131,10 @@ class FakeUpdater:
                 if cancel.is_set():
                     raise errors.Cancelled("the install was cancelled")
                 if request.fd is not None:
+                    # As the engine's FdSource: wait for data while looking at the cancel event, so a silent
+                    # uploader cannot hold the job.
+                    if not select.select([request.fd], [], [], 0.05)[0]:
+                        continue
                     try:
                         data = os.read(request.fd, self.chunk)
                     except OSError as exc:
@@ -201,9 +211,11 @@ def _serve_fake(argv: Sequence[str]) -> int:
     parser.add_argument("--chunk", type=int, default=256 * 1024)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
     parser.add_argument("--idle-timeout", type=float, default=0.0)
+    parser.add_argument("--recovery", choices=("none", "present", "booted"), default="none")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    updater = FakeUpdater(image_size=args.image_size, chunk=args.chunk, chunk_delay=args.chunk_delay)
+    updater = FakeUpdater(image_size=args.image_size, chunk=args.chunk, chunk_delay=args.chunk_delay,
+                          recovery=args.recovery)
     return asyncio.run(serve(updater, idle_timeout=args.idle_timeout))
 
 

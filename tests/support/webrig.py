@@ -8,6 +8,7 @@ name of a user they create, so the package's own user on this machine (if any) i
 from __future__ import annotations
 
 import contextlib
+import os
 import pwd
 import secrets
 import socket
@@ -19,9 +20,8 @@ from typing import Any
 import requests
 
 from abflasher.web.settings import hash_password
-from tests.support.bus import REPO, stop_process, wait_until, world_readable_tempdir
+from tests.support.bus import REPO, DBusDaemon, stop_process, wait_until, world_readable_tempdir
 from tests.support.polkit import POLKIT_RULES_DIR
-from tests.support.service_rig import Rig
 from tests.support.users import _kill_processes_of, popen_as
 
 WEB_RULES_FILE = "org.abflasher.Web.rules"
@@ -82,19 +82,28 @@ def web_config_text(port: int, **options: str) -> str:
 
 
 class WebProcess:
-    """``python -m abflasher.web`` as ``user`` on the rig's bus, from the rig's venv; ready once it listens."""
+    """``python -m abflasher.web`` on ``bus``, as ``user`` (None: as this process's user); ready once it listens.
+    ``options`` go into its web.conf (enabled, on 127.0.0.1, a free port and the test password by default)."""
 
-    def __init__(self, rig: Rig, user: str, **options: str) -> None:
+    def __init__(self, bus: DBusDaemon, python: str | os.PathLike[str], user: str | None = None,
+                 **options: str) -> None:
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.scheme = "https" if options.get("tls_certificate") else "http"
+        self.base = f"{self.scheme}://127.0.0.1:{self.port}"
         workdir = world_readable_tempdir("abft-web-")
         self.config = workdir / "web.conf"
         self.config.write_text(web_config_text(self.port, **options))
         self.config.chmod(0o644)
         self.log = workdir / "web.log"
+        self._final_log = ""
+        argv = [python, "-m", "abflasher.web", "--config", self.config]
         with open(self.log, "ab") as log:
-            self.process = popen_as(user, [rig.venv.python, "-m", "abflasher.web", "--config", self.config],
-                                    bus=rig.bus, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            if user is None:
+                self.process = subprocess.Popen(list(map(str, argv)), env=bus.env(), cwd=REPO,
+                                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            else:
+                self.process = popen_as(user, argv, bus=bus, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self._as_user = user is not None
         try:
             wait_until(self._listening, timeout=START_TIMEOUT, what=f"ab-flasher-web to listen\n{self.log_text()}")
         except BaseException:
@@ -108,11 +117,16 @@ class WebProcess:
             return probe.connect_ex(("127.0.0.1", self.port)) == 0
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        """Its log (kept after close(), which removes its directory)."""
+        if self.log.exists():
+            self._final_log = self.log.read_text(errors="replace")
+        return self._final_log
 
     @property
     def server_pid(self) -> int:
         """The Python process (runuser's child: ``env -i`` execs it)."""
+        if not self._as_user:
+            return self.process.pid
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
         return int(children[0])
 
@@ -122,6 +136,7 @@ class WebProcess:
     def close(self) -> None:
         # runuser passes SIGTERM on to the server, which cancels an upload's job before it exits.
         stop_process(self.process)
+        self.log_text()
         subprocess.run(["rm", "-rf", str(self.config.parent)], check=False, timeout=60)
 
     def __enter__(self) -> WebProcess:

@@ -6,6 +6,7 @@
 const TUS = { "Tus-Resumable": "1.0.0" };
 const RETRY_DELAYS_MS = [1000, 2000, 3000, 5000, 5000, 10000, 10000, 15000, 15000, 20000];
 const $ = (id) => document.getElementById(id);
+const SLOT_COLUMNS = ["Slot", "Role", "Version", "Booted", "Primary", "State"];
 
 const page = {
   csrf: null, csrfHeader: "X-CSRF-Token", status: null, file: null, upload: null, uploadId: null, job: null,
@@ -111,10 +112,14 @@ function render(status) {
     const row = document.createElement("tr");
     row.dataset.slot = slot.name;
     if (slot.booted) row.className = "booted";
-    for (const value of [slot.name, slot.role, slot.version || "—", slot.booted ? "yes" : "", slot.primary ? "yes" : "",
-      slot.state]) {
-      const cell = document.createElement("td"); cell.textContent = value; row.appendChild(cell);
-    }
+    const values = [slot.name, slot.role, slot.version || "—", slot.booted ? "yes" : "", slot.primary ? "yes" : "",
+      slot.state];
+    values.forEach((value, index) => {
+      const cell = document.createElement("td");
+      cell.textContent = value;
+      cell.dataset.label = SLOT_COLUMNS[index];  // the column's name where the table is shown as cards (phones)
+      row.appendChild(cell);
+    });
     return row;
   }));
   let state = `Service: ${status.state}`;
