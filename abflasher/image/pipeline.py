@@ -540,8 +540,10 @@ def stream_image(
     queues = _Queues.make()
     # Published checksums are often of the compressed file; hash it only when there is one to compare with.
     reader = _ReadStage(pipe, queues, source, head, hashed=expected_sha256 is not None and fmt is not ImageFormat.RAW)
+    # A pipe's size is what its sender declared: igzip's framing uses it only to tell truncation from damage.
     decoder = _DecodeStage(
-        pipe, queues, fmt, head, gzip_impl=inflater or gzip_impl, gzip_check=gzip_check, source_size=source.size
+        pipe, queues, fmt, head, gzip_impl=inflater or gzip_impl, gzip_check=gzip_check,
+        source_size=source.size if source.size is not None else source_size,
     )
     hasher = _HashStage(pipe, queues, gzip_check)
     writer = WriteStage(
