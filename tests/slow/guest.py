@@ -54,6 +54,7 @@ GUEST_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "kmod", "dbus", "polkitd", "libpam-systemd",
     "adduser", "dosfstools", "e2fsprogs", "fdisk", "mount", "mtools",
     "python3", "python3-dbus-next", "python3-requests", "python3-tqdm", "python3-zstandard", "python3-aiohttp",
+    "openssh-client",
     # python3-zstandard depends on a virtual package (python3-cffi-backend-api-*) that debootstrap cannot resolve.
     "python3-cffi-backend",
     "linux-image-amd64",
