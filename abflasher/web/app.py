@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import ClientPayloadError, HttpVersion11, web
 
-from abflasher import __version__, errors
+from abflasher import __version__, decisions, errors
 from abflasher.ctl_client import ServiceUnavailable, status_summary, unwrap
 from abflasher.image.checksums import normalize_sha256
 from abflasher.service.contract import REBOOT_MODES
@@ -50,17 +50,27 @@ def _state(request: web.Request) -> tuple[ServiceLink, Uploads, Guard]:
 
 
 def target_slot(slots: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The slot an upload would be written to (for the size cap and the page; the engine decides): a system slot
-    that is not running, one that is not the primary either when there is a choice (A/B + recovery)."""
-    candidates = [s for s in slots if s.get("role") == "system" and not s.get("booted")]
-    return next((s for s in candidates if not s.get("primary")), candidates[0] if candidates else None)
+    """The slot an upload would be written to (for the size cap and the page), chosen by the engine's own rule
+    (`decisions.system_target`) from the slots the service reports; None when there is none."""
+    return _target_and_refusal(slots)[0]
+
+
+def _target_and_refusal(slots: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    booted = next((str(s["name"]) for s in slots if s.get("booted")), "")
+    primary = next((str(s["name"]) for s in slots if s.get("primary")), "")
+    views = tuple(decisions.SlotView(str(s["name"]), str(s.get("role") or decisions.SYSTEM)) for s in slots)
+    try:
+        name = decisions.system_target(decisions.Snapshot(views, booted, primary, None, ""))
+    except errors.Busy as exc:
+        return None, str(exc)
+    return next(s for s in slots if s["name"] == name), ""
 
 
 async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
     status = await link.status()
     props = status["properties"]
     slots = status["slots"]
-    target = target_slot(slots)
+    target, refusal = _target_and_refusal(slots)
     booted = next((s for s in slots if s.get("booted")), None)
     upload = uploads.current
     return {
@@ -72,6 +82,7 @@ async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
             for slot in slots
         ],
         "target": {"slot": target["name"], "size": int(target["size"])} if target else None,
+        "target_refusal": refusal,
         "upload": upload.as_json() if upload is not None else None,
     }
 
@@ -79,9 +90,9 @@ async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
 async def upload_limit(link: ServiceLink) -> int:
     """The largest upload accepted: the target slot's size."""
     (slots,) = await link.client.call("GetSlots")
-    target = target_slot(unwrap(slots))
+    target, refusal = _target_and_refusal(unwrap(slots))
     if target is None:
-        raise UploadError(409, "there is no slot to install into (no system slot other than the running one)")
+        raise UploadError(409, f"there is no slot to install into: {refusal}")
     return int(target["size"])
 
 

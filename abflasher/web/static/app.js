@@ -127,7 +127,7 @@ function render(status) {
   text("service-state", state);
   text("target-info", status.target
     ? `The image goes into slot ${status.target.slot} (up to ${bytes(status.target.size)}).`
-    : "There is no slot to install into.");
+    : `There is no slot to install into: ${status.target_refusal || "no system slot is free"}`);
   // Update mode is the recovery slot: offered when the device has one and is not running it already.
   show("enter-update-mode", !status.recovery && status.slots.some((slot) => slot.role === "recovery"));
   if (status.state === "ready-to-reboot" && page.finished) show("reboot-new", true);
