@@ -31,6 +31,13 @@ TUS_CONTENT_TYPE = "application/offset+octet-stream"
 #: Request body chunks: small enough to keep memory flat, big enough to keep the loop's overhead low.
 CHUNK = 256 * 1024
 
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
 _ERROR_STATUS: dict[type[errors.AbFlasherError], int] = {
     errors.InvalidArgument: 400,
     errors.NotAuthorized: 403,
@@ -210,9 +217,28 @@ async def reboot(request: web.Request) -> web.StreamResponse:
         return json_error(400, 'send {"mode": "trial"} as JSON; modes: ' + ", ".join(REBOOT_MODES))
     if mode not in REBOOT_MODES:
         return json_error(400, f"unknown reboot mode {mode!r}; use one of: {', '.join(REBOOT_MODES)}")
-    await link.reboot(mode)
-    log.info("reboot (%s) requested from %s", mode, request.remote)
-    return web.json_response({"rebooting": mode})
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    request.app["reboots"].add(answered)
+    try:
+        await link.reboot(mode)
+        log.info("reboot (%s) requested from %s", mode, request.remote)
+        # Sent before the handler returns: the reboot stops this page too (SIGTERM), and the answer must be out.
+        response = web.json_response({"rebooting": mode})
+        _add_security_headers(response)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    finally:
+        request.app["reboots"].discard(answered)
+        answered.set_result(None)
+
+
+async def answer_reboots(app: web.Application, timeout: float) -> None:
+    """On SIGTERM, before the server closes its connections: let the reboot requests in progress get their answer
+    (the reboot they asked for is what stops the page)."""
+    pending = list(app["reboots"])
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -416,11 +442,14 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 @web.middleware
 async def headers_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     response: web.StreamResponse = await handler(request)
-    response.headers.setdefault("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    if not response.prepared:  # else it was sent already (with them: see reboot)
+        _add_security_headers(response)
     return response
+
+
+def _add_security_headers(response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 def make_app(config: WebConfig, link: ServiceLink) -> web.Application:
@@ -436,6 +465,7 @@ def make_app(config: WebConfig, link: ServiceLink) -> web.Application:
     app["link"] = link
     app["uploads"] = Uploads(link)
     app["guard"] = guard
+    app["reboots"] = set()
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static_asset)
     app.router.add_get("/api/session", get_session)
