@@ -205,7 +205,8 @@ def test_a_damaged_image_leaves_an_incomplete_target_and_everything_else_as_befo
     assert "slot b" in element(browser, "target-info").text
     upload_through_the_page(browser, corrupt)
     assert element(browser, "result-title").text == "Not installed"
-    assert "CRC-32" in element(browser, "result-message").text
+    message = element(browser, "result-message").text
+    assert "CRC-32" in message or "damaged" in message, message  # the Python inflater's words, or igzip's
     wait_for(browser, lambda d: "incomplete" in element(d, "result-next").text, "what happened to slot b")
     next_step = element(browser, "result-next").text
     assert "written into slot b" in next_step, next_step
