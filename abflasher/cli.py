@@ -200,8 +200,10 @@ def cancel_on_signals() -> threading.Event:
 def _write(args: argparse.Namespace) -> InstallResult:
     from abflasher.image.sources import open_source
     from abflasher.trust.commands import open_for_write
+    from abflasher.write_guard import refuse_device_slot
 
     expected = _expected_sha256(args)
+    refuse_device_slot(args.target, args.config)
     cancel = cancel_on_signals()
     printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
     opened = open_source(args.source)

@@ -115,6 +115,11 @@ def update_target(snap: Snapshot, state: State) -> str:
     recovery, from the recovery system, the main slot even though it is the primary (`recovery_first` then says to
     make recovery the primary before writing it). Never a recovery slot, never the running slot."""
     refuse_during_trial(snap, state)
+    return system_target(snap)
+
+
+def system_target(snap: Snapshot) -> str:
+    """`update_target` without the trial check: the slots alone decide (the upload page shows it too)."""
     system = [s.name for s in snap.slots if s.role == SYSTEM]
     free = next((name for name in system if name not in (snap.booted, snap.primary)), None)
     if free is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import BusType, NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
+from dbus_next.message import Message
 
 from abflasher import __version__, errors
 from abflasher.config import DEFAULT_PATH, load_config
@@ -103,11 +105,27 @@ async def serve(
     if stop.is_set():
         log.info("stopping on signal")
         await interface.shutdown(stop_timeout)
+        await _answer_calls_in_progress(bus, interface, stop_timeout)
     else:
         log.info("idle for %.0f s; exiting (the bus starts the service again when needed)", idle_timeout)
         await _release_name_and_drain(bus, interface, stop_timeout)
     bus.disconnect()  # type: ignore[no-untyped-call]
     return 0
+
+
+async def _answer_calls_in_progress(bus: MessageBus, interface: UpdaterInterface, timeout: float) -> None:
+    """Let the calls already being served reply before the bus connection closes: a ``Reboot`` whose command makes
+    systemd stop this service has done what it was asked, and its caller must hear so, not that the service went
+    away."""
+    deadline = time.monotonic() + timeout
+    while interface.calls_in_progress and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    # The replies are queued on the connection in order: once the bus daemon answers a Ping sent after them, they
+    # have been written (closing the socket earlier would drop them).
+    ping = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                   interface="org.freedesktop.DBus.Peer", member="Ping")
+    with contextlib.suppress(DBusError, OSError, EOFError, TimeoutError):
+        await asyncio.wait_for(bus.call(ping), max(1.0, deadline - time.monotonic()))
 
 
 async def _wait_until_idle(interface: UpdaterInterface, idle_timeout: float) -> None:

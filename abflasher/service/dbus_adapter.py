@@ -105,6 +105,10 @@ class GuardedInterface(ServiceInterface):
         self._calls_in_progress = 0
         self._last_activity = time.monotonic()
 
+    @property
+    def calls_in_progress(self) -> int:
+        return self._calls_in_progress
+
     async def authorize(self, action: str, *, interactive: bool) -> None:
         """Return when the caller of the method being served may perform ``action``; raise NotAuthorized if not."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import ClientPayloadError, HttpVersion11, web
 
-from abflasher import __version__, errors
+from abflasher import __version__, decisions, errors
 from abflasher.ctl_client import ServiceUnavailable, status_summary, unwrap
 from abflasher.image.checksums import normalize_sha256
 from abflasher.service.contract import REBOOT_MODES
@@ -30,6 +30,13 @@ TUS_EXTENSIONS = "creation,termination"
 TUS_CONTENT_TYPE = "application/offset+octet-stream"
 #: Request body chunks: small enough to keep memory flat, big enough to keep the loop's overhead low.
 CHUNK = 256 * 1024
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 _ERROR_STATUS: dict[type[errors.AbFlasherError], int] = {
     errors.InvalidArgument: 400,
@@ -50,17 +57,27 @@ def _state(request: web.Request) -> tuple[ServiceLink, Uploads, Guard]:
 
 
 def target_slot(slots: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The slot an upload would be written to (for the size cap and the page; the engine decides): a system slot
-    that is not running, one that is not the primary either when there is a choice (A/B + recovery)."""
-    candidates = [s for s in slots if s.get("role") == "system" and not s.get("booted")]
-    return next((s for s in candidates if not s.get("primary")), candidates[0] if candidates else None)
+    """The slot an upload would be written to (for the size cap and the page), chosen by the engine's own rule
+    (`decisions.system_target`) from the slots the service reports; None when there is none."""
+    return _target_and_refusal(slots)[0]
+
+
+def _target_and_refusal(slots: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    booted = next((str(s["name"]) for s in slots if s.get("booted")), "")
+    primary = next((str(s["name"]) for s in slots if s.get("primary")), "")
+    views = tuple(decisions.SlotView(str(s["name"]), str(s.get("role") or decisions.SYSTEM)) for s in slots)
+    try:
+        name = decisions.system_target(decisions.Snapshot(views, booted, primary, None, ""))
+    except errors.Busy as exc:
+        return None, str(exc)
+    return next(s for s in slots if s["name"] == name), ""
 
 
 async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
     status = await link.status()
     props = status["properties"]
     slots = status["slots"]
-    target = target_slot(slots)
+    target, refusal = _target_and_refusal(slots)
     booted = next((s for s in slots if s.get("booted")), None)
     upload = uploads.current
     return {
@@ -72,6 +89,7 @@ async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
             for slot in slots
         ],
         "target": {"slot": target["name"], "size": int(target["size"])} if target else None,
+        "target_refusal": refusal,
         "upload": upload.as_json() if upload is not None else None,
     }
 
@@ -79,9 +97,9 @@ async def status_json(link: ServiceLink, uploads: Uploads) -> dict[str, Any]:
 async def upload_limit(link: ServiceLink) -> int:
     """The largest upload accepted: the target slot's size."""
     (slots,) = await link.client.call("GetSlots")
-    target = target_slot(unwrap(slots))
+    target, refusal = _target_and_refusal(unwrap(slots))
     if target is None:
-        raise UploadError(409, "there is no slot to install into (no system slot other than the running one)")
+        raise UploadError(409, f"there is no slot to install into: {refusal}")
     return int(target["size"])
 
 
@@ -199,9 +217,28 @@ async def reboot(request: web.Request) -> web.StreamResponse:
         return json_error(400, 'send {"mode": "trial"} as JSON; modes: ' + ", ".join(REBOOT_MODES))
     if mode not in REBOOT_MODES:
         return json_error(400, f"unknown reboot mode {mode!r}; use one of: {', '.join(REBOOT_MODES)}")
-    await link.reboot(mode)
-    log.info("reboot (%s) requested from %s", mode, request.remote)
-    return web.json_response({"rebooting": mode})
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    request.app["reboots"].add(answered)
+    try:
+        await link.reboot(mode)
+        log.info("reboot (%s) requested from %s", mode, request.remote)
+        # Sent before the handler returns: the reboot stops this page too (SIGTERM), and the answer must be out.
+        response = web.json_response({"rebooting": mode})
+        _add_security_headers(response)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    finally:
+        request.app["reboots"].discard(answered)
+        answered.set_result(None)
+
+
+async def answer_reboots(app: web.Application, timeout: float) -> None:
+    """On SIGTERM, before the server closes its connections: let the reboot requests in progress get their answer
+    (the reboot they asked for is what stops the page)."""
+    pending = list(app["reboots"])
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -405,11 +442,14 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 @web.middleware
 async def headers_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     response: web.StreamResponse = await handler(request)
-    response.headers.setdefault("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    if not response.prepared:  # else it was sent already (with them: see reboot)
+        _add_security_headers(response)
     return response
+
+
+def _add_security_headers(response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 def make_app(config: WebConfig, link: ServiceLink) -> web.Application:
@@ -425,6 +465,7 @@ def make_app(config: WebConfig, link: ServiceLink) -> web.Application:
     app["link"] = link
     app["uploads"] = Uploads(link)
     app["guard"] = guard
+    app["reboots"] = set()
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static_asset)
     app.router.add_get("/api/session", get_session)

@@ -21,10 +21,13 @@ from aiohttp import web
 
 from abflasher import __version__, errors
 from abflasher.ctl_client import unwrap
-from abflasher.web.app import CHUNK, make_app
+from abflasher.web.app import CHUNK, answer_reboots, make_app
 from abflasher.web.servicelink import ServiceLink
 from abflasher.web.settings import DEFAULT_PATH, WebConfig, hash_password, load_web_config
 from abflasher.web.uploads import Uploads
+
+#: How long SIGTERM waits for reboot requests in progress to get their answer (the service answers within seconds).
+REBOOT_ANSWER_TIMEOUT = 30.0
 
 log = logging.getLogger("abflasher.web")
 
@@ -100,6 +103,7 @@ async def serve(config: WebConfig) -> int:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.info("stopping on signal")
+        await answer_reboots(app, REBOOT_ANSWER_TIMEOUT)
         await runner.cleanup()
         return 0
     finally:

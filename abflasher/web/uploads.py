@@ -5,7 +5,8 @@ Bytes go from the request body into the pipe as they arrive, and the body is rea
 What is held in memory is a request chunk, the transport's write buffer (64 KiB) and the pipe (1 MiB); nothing is
 written to any file.
 
-The service's job starts with the first bytes, once they look like an image (the engine's own format detection):
+The service's job starts with the first bytes, once they look like an image (the engine's own format detection) or a
+signed bundle (a tar):
 a file that is not an image at all is refused before the job exists, so the slots are not even marked. An upload
 outlives its requests: a dropped connection leaves the pipe open and the job waiting (the service's
 ``upload_idle_timeout``) for the client to come back and continue from :attr:`Upload.offset` (tus, docs/web-api.md).
@@ -29,6 +30,7 @@ from dbus_next.signature import Variant
 
 from abflasher import errors
 from abflasher.image.formats import DETECT_BYTES, detect_format
+from abflasher.trust.bundle import is_bundle
 from abflasher.web.servicelink import JobResult, ServiceLink
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,8 @@ class Upload:
             if len(head) >= DETECT_BYTES:
                 break
         try:
-            detect_format(head[:DETECT_BYTES])
+            if not is_bundle(head):  # a signed bundle (a tar): the service verifies it as it streams
+                detect_format(head[:DETECT_BYTES])
         except errors.BadImage as exc:
             self.end(JobResult("", False, exc.dbus_name, f"{exc} ({self.filename or 'the upload'})"))
             raise UploadError(422, str(exc)) from None

@@ -14,6 +14,7 @@ import pytest
 from abflasher import errors
 from abflasher.web.servicelink import JobResult
 from abflasher.web.uploads import _F_SETPIPE_SZ, PIPE_SIZE, Upload, UploadError, _pipe_writer
+from tests.support.signing import tar_members
 
 CHUNK = 256 * 1024
 #: What may be taken from the body while nobody reads the pipe: the pipe, the transport's buffer and one chunk on
@@ -181,5 +182,23 @@ def test_a_file_that_is_not_an_image_is_refused_before_the_job_starts() -> None:
         assert upload.result == JobResult("", False, errors.BadImage.dbus_error_name(), upload.result.message)
         assert upload.result.error_name == "BadImage"
         assert "unknown image format" in upload.result.message
+
+    asyncio.run(scenario())
+
+
+def test_a_signed_bundle_starts_the_job() -> None:
+    """A bundle (a tar: its manifest first, so no image format at its start) goes to the service, which verifies
+    it as it streams; before, the page refused it as an unknown image format."""
+    bundle = tar_members([("manifest.json", b"{}" * 100), ("manifest.json.sig", b"sig")])
+    head = bundle + b"\0" * (CHUNK - len(bundle))
+
+    async def scenario() -> None:
+        job = PipeJob()
+        upload = new_upload(job, CHUNK)
+        receiving = asyncio.ensure_future(upload.receive(Body(CHUNK, first=head).chunks(), limit=CHUNK))
+        await pump(job, receiving)
+        assert job.started == 1
+        assert not upload.ended
+        assert upload.offset == CHUNK
 
     asyncio.run(scenario())

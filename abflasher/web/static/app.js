@@ -127,7 +127,7 @@ function render(status) {
   text("service-state", state);
   text("target-info", status.target
     ? `The image goes into slot ${status.target.slot} (up to ${bytes(status.target.size)}).`
-    : "There is no slot to install into.");
+    : `There is no slot to install into: ${status.target_refusal || "no system slot is free"}`);
   // Update mode is the recovery slot: offered when the device has one and is not running it already.
   show("enter-update-mode", !status.recovery && status.slots.some((slot) => slot.role === "recovery"));
   if (status.state === "ready-to-reboot" && page.finished) show("reboot-new", true);
@@ -312,11 +312,26 @@ function finish(result) {
   } else {
     text("result-title", result.error === "Cancelled" ? "Cancelled" : "Not installed");
     text("result-message", result.message);
-    text("result-next", "Nothing was changed on the running system. Check the file (and its checksum) and try again.");
+    text("result-next", result.error === "Signature"
+      ? "Nothing was changed. This device installs only bundles signed by a key it trusts: upload the signed "
+        + "bundle (.tar, made with ab-flasher bundle), not the bare image."
+      : "Nothing was changed on the running system. Check the file (and its checksum) and try again.");
   }
   text("upload-note", "");
   updateButtons();
-  refresh();
+  const target = page.status && page.status.target ? page.status.target.slot : null;
+  refresh().then(() => { if (!result.success && target) explainOverwritten(target); });
+}
+
+// Damage found at the end of the stream (a CRC or checksum mismatch) shows after the image was written into the
+// target slot: the service marks that slot incomplete (never booted). Say so, and what to do.
+function explainOverwritten(slot) {
+  const row = page.status && page.status.slots.find((s) => s.name === slot);
+  if (!row || row.state !== "incomplete") return;
+  text("result-next", `The image was written into slot ${slot} before the damage showed at its end, so slot ${slot} `
+    + "is now marked incomplete and will never be booted. The running system, the boot files and the other slots "
+    + "are unchanged; nothing was armed. Get an intact copy of the file (compare its SHA-256) and upload it again: "
+    + `it goes into slot ${slot}.`);
 }
 
 function fail(reason) {
