@@ -158,7 +158,7 @@ def make_plan(
 
     kinds = bytearray(count)
     sources = array("q", [-1]) * count
-    copies = array("l")
+    copies = array("i")
     for number in range(count):
         chunk_id = index.id_of(number)
         if starts[number] < hold_end:
@@ -177,10 +177,10 @@ def make_plan(
 
     # Each copy must come before every write into its source: the successors of copy c are
     # successors[first[c]:first[c + 1]] (one flat array, no list per chunk).
-    copy_of = array("l", [-1]) * count
-    successors = array("l")
-    first = array("l")
-    waiting = array("l", [0]) * count
+    copy_of = array("i", [-1]) * count
+    successors = array("i")
+    first = array("i")
+    waiting = array("i", [0]) * count
     for position, number in enumerate(copies):
         copy_of[number] = position
         first.append(len(successors))
@@ -195,10 +195,22 @@ def make_plan(
     released = bytearray(len(copies))
 
     held_code, old_code, other_code = _CODE[Kind.HELD], _CODE[Kind.OLD], _CODE[Kind.OTHER]
-    order = array("l", (n for n in range(count) if kinds[n] == held_code))
-    # Chunk numbers follow offsets, so the lowest offset ready is the lowest number ready.
-    ready = [n for n in range(count) if kinds[n] != held_code and waiting[n] == 0]
-    heapq.heapify(ready)
+    order = array("i", (n for n in range(count) if kinds[n] == held_code))
+    # Chunk numbers follow offsets, so the lowest offset ready is the lowest number ready: the chunks ready from the
+    # start are met by a cursor, and only those a copy releases go through the heap (no list of every chunk).
+    ready: list[int] = []
+    cursor = 0
+
+    def next_ready() -> int | None:
+        nonlocal cursor
+        while cursor < count and (kinds[cursor] == held_code or waiting[cursor] or done[cursor]):
+            cursor += 1
+        if ready and (cursor >= count or ready[0] < cursor):
+            return heapq.heappop(ready)
+        if cursor < count:
+            cursor += 1
+            return cursor - 1
+        return None
     remaining = count - len(order)
     done = bytearray(count)
     stashes: dict[int, tuple[tuple[int, int], ...]] = {}
@@ -217,7 +229,8 @@ def make_plan(
                 heapq.heappush(ready, other)
 
     while remaining:
-        if not ready:
+        number_ready = next_ready()
+        if number_ready is None:
             # A cycle: give up the lowest copy still waiting to be read.
             while done[copies[next_copy]] or released[next_copy] or first[next_copy] == first[next_copy + 1]:
                 next_copy += 1
@@ -232,7 +245,7 @@ def make_plan(
             sources[victim] = -1
             release(victim)
             continue
-        number = heapq.heappop(ready)
+        number = number_ready
         if done[number]:
             continue
         done[number] = 1
@@ -245,10 +258,14 @@ def make_plan(
 
     # What no local copy will provide: the first need of each such chunk, in step order. A chunk is available when
     # a chunk of the same id was built at an earlier step or stashed at or before this one.
-    position_of = array("l", [0]) * count
+    # What the ordering needed is given back before what the fetch list needs is made.
+    del waiting[:], copy_of[:], successors[:], first[:]
+    released.clear()
+    done.clear()
+    position_of = array("i", [0]) * count
     for position, number in enumerate(order):
         position_of[number] = position
-    stashed_at = array("l", [-1]) * count
+    stashed_at = array("i", [-1]) * count
     for position, stash in stashes.items():
         for victim, _ in stash:
             stashed_at[victim] = position
@@ -260,7 +277,7 @@ def make_plan(
         )
 
     local_codes = {_CODE[Kind.ZERO], _CODE[Kind.IN_PLACE], old_code}
-    fetch = array("l")
+    fetch = array("i")
     fetched = bytearray(count)
     for position, number in enumerate(order):
         code = kinds[number]

@@ -148,6 +148,7 @@ def install_from_index(
     expected_image = expected_sha256.lower() if expected_sha256 else None
     if expected_image is not None and expected_image == hashlib.sha256(raw_index).hexdigest():
         expected_image = None  # the index itself is what the checksum vouches for, and it names every chunk
+    del raw_index  # parsed: its 40 bytes a chunk are not kept through the install
     store = ChunkStore(store_url or default_store_url(index_url), index.digest_name, options, cancel)
     seeds = list(seeds)
     if slots is not None:
