@@ -167,6 +167,16 @@ class Updater:
 
         # What each slot held, for a delta update's seeds, before the target is marked incomplete.
         before = self.state.load(device.other_state_copy, device.device_id)
+        signed_delta = None
+        if signed is not None:
+            from abflasher.delta import signed as delta_signed
+
+            try:
+                signed_delta = delta_signed.choose(self.config, signed, device=device, target=target, state=before,
+                                                   cancel=cancel)
+            except BaseException:
+                signed.close()
+                raise
         # From here on the target is not trusted until every step passed.
         device.boot.disarm()
         self._record(device, target.name, SlotState.INCOMPLETE, version=version_wanted, sha256="",
@@ -175,7 +185,10 @@ class Updater:
         streamed = False
         result: InstallResult | DeltaResult
         try:
-            if signed is None and incoming is None and delta.is_index_url(prepared.image_url):
+            if signed_delta is not None:
+                result = delta_signed.install(self.config, signed_delta, target=target, progress=progress,
+                                              cancel=cancel)
+            elif signed is None and incoming is None and delta.is_index_url(prepared.image_url):
                 result = delta.install_for_update(
                     self.config, prepared, device=device, target=target, state=before, expected_sha256=expected,
                     progress=progress, cancel=cancel,

@@ -28,7 +28,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from abflasher import errors
@@ -97,6 +97,24 @@ class _Device:
             raise errors.DeviceError(f"write to {self.path} failed at byte {offset + done}: {exc.strerror}") from exc
 
 
+class SeedIds(Collection[bytes]):
+    """The chunk ids the seeds' indexes list, looked up in the indexes themselves (no set of every id)."""
+
+    def __init__(self, indexes: Sequence[ChunkIndex]) -> None:
+        self._indexes = indexes
+
+    def __contains__(self, chunk_id: object) -> bool:
+        return any(chunk_id in index for index in self._indexes)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for index in self._indexes:
+            for number in range(len(index)):
+                yield index.id_of(number)
+
+    def __len__(self) -> int:
+        return sum(len(index) for index in self._indexes)
+
+
 class _Builder:
     """One delta install: carries out the plan's steps (delta/plan.py), each chunk from the first place that has it."""
 
@@ -119,17 +137,13 @@ class _Builder:
         self.held_in_place: dict[bytes, bytes] = {}
         #: Chunks of the old content read ahead of their turn (plan.py), by id.
         self.stash: dict[bytes, bytes] = {}
-        #: Where each chunk id may be found in the seeds: (seed number, offset).
-        self.in_seeds: dict[bytes, tuple[int, int]] = {}
-        for number, (_, seed) in enumerate(seeds):
-            for chunk in seed.index:
-                self.in_seeds.setdefault(chunk.id, (number, chunk.offset))
-        #: Chunks of the new image already on the target (written or found in place), by id: their offset.
-        self.built: dict[bytes, int] = {}
+        #: For each chunk number of the new image, 1 once it is on the target (written or found in place); a chunk id
+        #: is looked up in the indexes (ChunkIndex.numbers_of), never in a dict keyed by id: memory stays flat.
+        self.built = bytearray(len(index))
         self._reported = 0.0
 
     def run(self, fetcher: ChunkFetcher) -> None:
-        planned = {chunk.id for chunk in self.plan.fetch}
+        planned = self.plan.fetched
         held_steps = [step for step in self.plan.steps if step.kind is Kind.HELD]
         # The held chunks the target holds in place are read before their region is zeroed.
         for step in held_steps:
@@ -148,14 +162,25 @@ class _Builder:
                     self.stash[stashed.id] = data
             chunk = self.chunks[step.number]
             self._build(step, chunk, fetcher, planned)
+            self.built[step.number] = 1
             self.done += chunk.size
             self.report(self.done)
 
-    def _build(self, step: Step, chunk: Chunk, fetcher: ChunkFetcher, planned: set[bytes]) -> None:
-        if step.kind is Kind.HELD:
+    def _build(self, step: Step, chunk: Chunk, fetcher: ChunkFetcher, planned: bytearray) -> None:
+        if planned[step.number]:
             # A chunk the plan fetches is taken from the fetcher, which holds it within its budget until then.
-            data = None if chunk.id in planned else self.held_in_place.get(chunk.id)
-            self.held.append((chunk.offset, data if data is not None else self._obtain(chunk, fetcher, planned)))
+            planned[step.number] = 0
+            data: bytes | None = fetcher.take(chunk)
+        elif step.kind is Kind.HELD:
+            data = self.held_in_place.get(chunk.id)
+        else:
+            data = None
+        if step.kind is Kind.HELD:
+            self.held.append((chunk.offset, data if data is not None else self._obtain(chunk, fetcher)))
+            return
+        if data is not None:
+            self.device.write(chunk.offset, data)
+            self.written += chunk.size
             return
         if step.kind is Kind.ZERO:
             # Reading is free of wear, and zeroing may not be (a card without WRITE ZEROES gets zeros written).
@@ -165,20 +190,17 @@ class _Builder:
                 self._zero(chunk.offset, chunk.size)
                 self.zeroed += chunk.size
             return
-        data = None
         if step.kind is Kind.IN_PLACE and self._checked(self.device, chunk.offset, chunk) is not None:
             self.in_place += chunk.size
-            self.built.setdefault(chunk.id, chunk.offset)
             return
         if step.kind is Kind.OLD:
             data = self._checked(self.device, step.source, chunk)
             if data is not None:
                 self.from_seeds += chunk.size
         if data is None:
-            data = self._obtain(chunk, fetcher, planned)
+            data = self._obtain(chunk, fetcher)
         self.device.write(chunk.offset, data)
         self.written += chunk.size
-        self.built.setdefault(chunk.id, chunk.offset)
 
 
     def report(self, done: int, force: bool = False) -> None:
@@ -193,11 +215,8 @@ class _Builder:
             return data
         return None
 
-    def _obtain(self, chunk: Chunk, fetcher: ChunkFetcher, planned: set[bytes]) -> bytes:
+    def _obtain(self, chunk: Chunk, fetcher: ChunkFetcher) -> bytes:
         """The chunk's bytes, checked against its id, from the first place that has them (module docstring)."""
-        if chunk.id in planned:
-            planned.discard(chunk.id)
-            return fetcher.take(chunk)
         data = self.stash.pop(chunk.id, None)
         if data is not None:
             self.from_seeds += chunk.size
@@ -205,14 +224,16 @@ class _Builder:
         for _, held in self.held:
             if len(held) == chunk.size and self.index.digest(held) == chunk.id:
                 return held
-        if chunk.id in self.built:
-            data = self._checked(self.device, self.built[chunk.id], chunk)
+        built = next((n for n in self.index.numbers_of(chunk.id) if self.built[n]), None)
+        if built is not None:
+            data = self._checked(self.device, self.index.start(built), chunk)
             if data is not None:
                 self.from_seeds += chunk.size
                 return data
-        if chunk.id in self.in_seeds:
-            number, offset = self.in_seeds[chunk.id]
-            data = self._checked(self.seeds[number][0], offset, chunk)
+        seed = next(((device, s.index.start(n)) for device, s in self.seeds for n in s.index.numbers_of(chunk.id)),
+                    None)
+        if seed is not None:
+            data = self._checked(seed[0], seed[1], chunk)
             if data is not None:
                 self.from_seeds += chunk.size
                 return data
@@ -288,7 +309,7 @@ def install_delta(
                 stack.callback(os.close, fd)
                 opened_seeds.append((_Device(fd, seed.path), seed))
             plan = make_plan(index, target_index=target_index, hold_bytes=HOLD_BYTES,
-                             seed_ids={chunk.id for _, seed in opened_seeds for chunk in seed.index})
+                             seed_ids=SeedIds([seed.index for _, seed in opened_seeds]))
             builder = _Builder(index, plan, store, opened, seeds=opened_seeds, progress=progress, cancel=cancel)
             fetcher = ChunkFetcher(store, plan.fetch)
             try:

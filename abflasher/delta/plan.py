@@ -18,8 +18,10 @@ from __future__ import annotations
 import bisect
 import enum
 import heapq
-from collections.abc import Collection
+from array import array
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from abflasher.delta.index import Chunk, ChunkIndex
 
@@ -35,6 +37,10 @@ class Kind(enum.Enum):
     OTHER = "other"  # built earlier in this install, a seed, a stash, or the store
 
 
+_KINDS = tuple(Kind)
+_CODE = {kind: code for code, kind in enumerate(_KINDS)}
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     number: int  # the chunk's number in the new index
@@ -43,14 +49,58 @@ class Step:
     stash: tuple[tuple[int, int], ...] = ()  # (chunk number, old offset) to read into memory before this step
 
 
+class Steps(Sequence[Step]):
+    """The plan's steps, kept as arrays (a few bytes a chunk) and made into Step objects as they are read."""
+
+    def __init__(self, order: array[int], kinds: bytearray, sources: array[int],
+                 stashes: dict[int, tuple[tuple[int, int], ...]]) -> None:
+        self._order, self._kinds, self._sources, self._stashes = order, kinds, sources, stashes
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @overload
+    def __getitem__(self, position: int) -> Step: ...
+    @overload
+    def __getitem__(self, position: slice) -> Sequence[Step]: ...
+    def __getitem__(self, position: int | slice) -> Step | Sequence[Step]:
+        if isinstance(position, slice):
+            return [self[p] for p in range(*position.indices(len(self)))]
+        if position < 0:
+            position += len(self)
+        number = self._order[position]
+        return Step(number, _KINDS[self._kinds[number]], self._sources[number], self._stashes.get(position, ()))
+
+
+class Chunks(Sequence[Chunk]):
+    """Chunks of an index by number, kept as an array of numbers."""
+
+    def __init__(self, index: ChunkIndex, numbers: array[int]) -> None:
+        self._index, self._numbers = index, numbers
+
+    def __len__(self) -> int:
+        return len(self._numbers)
+
+    @overload
+    def __getitem__(self, position: int) -> Chunk: ...
+    @overload
+    def __getitem__(self, position: slice) -> Sequence[Chunk]: ...
+    def __getitem__(self, position: int | slice) -> Chunk | Sequence[Chunk]:
+        if isinstance(position, slice):
+            return [self._index.chunk(n) for n in self._numbers[position]]
+        return self._index.chunk(self._numbers[position])
+
+
 @dataclass(frozen=True)
 class Plan:
-    chunks: tuple[Chunk, ...]  # the index's chunks, by number
+    chunks: ChunkIndex  # the index's chunks, by number
     hold_end: int
-    steps: tuple[Step, ...]
-    fetch: tuple[Chunk, ...]  # expected from the store, in the order the steps need them
+    steps: Steps
+    fetch: Chunks  # expected from the store, in the order the steps need them
     stashed_bytes: int
     demoted: int  # copies given up to break cycles beyond the stash budget
+    #: For each chunk number, 1 when it is in ``fetch`` (the installer takes it from the fetcher at its step).
+    fetched: bytearray
 
 
 def make_plan(
@@ -61,107 +111,182 @@ def make_plan(
     hold_bytes: int,
     stash_budget: int = STASH_BUDGET,
 ) -> Plan:
-    chunks = list(index)
-    count = len(chunks)
+    # Memory: arrays of a few bytes a chunk, no object per chunk (docs/delta-updates.md, "Memory").
+    count = len(index)
+    ends = index.ends
+    starts = array("Q", [0])
+    starts.extend(ends[:-1] if isinstance(ends, array) else array("Q", ends[:-1]))
+
+    def size_of(number: int) -> int:
+        return ends[number] - starts[number]
+
     hold_end = 0
-    for chunk in chunks:
-        if chunk.offset >= hold_bytes:
+    for number in range(count):
+        if starts[number] >= hold_bytes:
             break
-        hold_end = chunk.end
+        hold_end = ends[number]
     # casync's chunker cuts a run of zeros into chunks of the maximum size (its rolling hash over zeros is constant),
     # so a chunk of zeros has that size, or is the image's last chunk.
-    zero_ids = {size: index.digest(bytes(size)) for size in {index.chunk_size_max, chunks[-1].size}}
+    zero_ids = {size: index.digest(bytes(size)) for size in {index.chunk_size_max, size_of(count - 1)}}
 
-    def is_zero(chunk: Chunk) -> bool:
-        return zero_ids.get(chunk.size) == chunk.id
+    old = target_index if target_index is not None and target_index.digest_name == index.digest_name else None
 
-    old_at: dict[int, tuple[int, bytes]] = {}
-    old_by_id: dict[bytes, int] = {}
-    if target_index is not None and target_index.digest_name == index.digest_name:
-        for chunk in target_index:
-            old_at[chunk.offset] = (chunk.size, chunk.id)
-            if chunk.offset >= hold_end:
-                old_by_id.setdefault(chunk.id, chunk.offset)
-
-    kinds: list[Kind] = []
-    sources = [-1] * count
-    for number, chunk in enumerate(chunks):
-        if chunk.offset < hold_end:
-            kinds.append(Kind.HELD)
-        elif is_zero(chunk):
-            kinds.append(Kind.ZERO)
-        elif old_at.get(chunk.offset) == (chunk.size, chunk.id):
-            kinds.append(Kind.IN_PLACE)
-        elif chunk.id in old_by_id:
-            kinds.append(Kind.OLD)
-            sources[number] = old_by_id[chunk.id]
+    def old_in_place(number: int) -> bool:
+        """Whether the target's old index has chunk ``number`` at its very offset."""
+        if old is None:
+            return False
+        offset = starts[number]
+        if offset == 0:
+            candidate = 0
         else:
-            kinds.append(Kind.OTHER)
+            before = bisect.bisect_left(old.ends, offset)
+            if before >= len(old.ends) or old.ends[before] != offset:
+                return False
+            candidate = before + 1
+        return (
+            candidate < len(old.ends) and old.ends[candidate] == ends[number]
+            and old.id_of(candidate) == index.id_of(number)
+        )
 
-    # Each copy must come before every write into its source.
-    starts = [chunk.offset for chunk in chunks]
-    successors: dict[int, list[int]] = {}
-    waiting = [0] * count
-    copies = [number for number in range(count) if kinds[number] is Kind.OLD]
-    for number in copies:
-        source, end = sources[number], sources[number] + chunks[number].size
+    def old_source(chunk_id: bytes) -> int:
+        """Where the old content holds ``chunk_id`` outside the held region, or -1."""
+        if old is not None:
+            for candidate in old.numbers_of(chunk_id):
+                if old.start(candidate) >= hold_end:
+                    return old.start(candidate)
+        return -1
+
+    kinds = bytearray(count)
+    sources = array("q", [-1]) * count
+    copies = array("i")
+    for number in range(count):
+        chunk_id = index.id_of(number)
+        if starts[number] < hold_end:
+            kind = Kind.HELD
+        elif zero_ids.get(size_of(number)) == chunk_id:
+            kind = Kind.ZERO
+        elif old_in_place(number):
+            kind = Kind.IN_PLACE
+        elif (source := old_source(chunk_id)) >= 0:
+            kind = Kind.OLD
+            sources[number] = source
+            copies.append(number)
+        else:
+            kind = Kind.OTHER
+        kinds[number] = _CODE[kind]
+
+    # Each copy must come before every write into its source: the successors of copy c are
+    # successors[first[c]:first[c + 1]] (one flat array, no list per chunk).
+    copy_of = array("i", [-1]) * count
+    successors = array("i")
+    first = array("i")
+    waiting = array("i", [0]) * count
+    for position, number in enumerate(copies):
+        copy_of[number] = position
+        first.append(len(successors))
+        source, end = sources[number], sources[number] + size_of(number)
         other = bisect.bisect_right(starts, source) - 1
         while other < count and starts[other] < end:
             if other != number:
-                successors.setdefault(number, []).append(other)
+                successors.append(other)
                 waiting[other] += 1
             other += 1
+    first.append(len(successors))
+    released = bytearray(len(copies))
 
-    steps = [Step(number, Kind.HELD) for number in range(count) if kinds[number] is Kind.HELD]
-    ready = [(starts[n], n) for n in range(count) if kinds[n] is not Kind.HELD and waiting[n] == 0]
-    heapq.heapify(ready)
-    remaining = count - len(steps)
-    done = [False] * count
+    held_code, old_code, other_code = _CODE[Kind.HELD], _CODE[Kind.OLD], _CODE[Kind.OTHER]
+    order = array("i", (n for n in range(count) if kinds[n] == held_code))
+    # Chunk numbers follow offsets, so the lowest offset ready is the lowest number ready: the chunks ready from the
+    # start are met by a cursor, and only those a copy releases go through the heap (no list of every chunk).
+    ready: list[int] = []
+    cursor = 0
+
+    def next_ready() -> int | None:
+        nonlocal cursor
+        while cursor < count and (kinds[cursor] == held_code or waiting[cursor] or done[cursor]):
+            cursor += 1
+        if ready and (cursor >= count or ready[0] < cursor):
+            return heapq.heappop(ready)
+        if cursor < count:
+            cursor += 1
+            return cursor - 1
+        return None
+    remaining = count - len(order)
+    done = bytearray(count)
+    stashes: dict[int, tuple[tuple[int, int], ...]] = {}
     pending_stash: list[tuple[int, int]] = []
     stashed = demoted = 0
     next_copy = 0
 
     def release(number: int) -> None:
-        for other in successors.pop(number, ()):
+        position = copy_of[number]
+        if position < 0 or released[position]:
+            return
+        released[position] = 1
+        for other in successors[first[position] : first[position + 1]]:
             waiting[other] -= 1
             if waiting[other] == 0 and not done[other]:
-                heapq.heappush(ready, (starts[other], other))
+                heapq.heappush(ready, other)
 
     while remaining:
-        if not ready:
+        number_ready = next_ready()
+        if number_ready is None:
             # A cycle: give up the lowest copy still waiting to be read.
-            while done[copies[next_copy]] or copies[next_copy] not in successors:
+            while done[copies[next_copy]] or released[next_copy] or first[next_copy] == first[next_copy + 1]:
                 next_copy += 1
             victim = copies[next_copy]
-            size = chunks[victim].size
+            size = size_of(victim)
             if stashed + size <= stash_budget:
                 pending_stash.append((victim, sources[victim]))
                 stashed += size
             else:
                 demoted += 1
-            kinds[victim] = Kind.OTHER
+            kinds[victim] = other_code
             sources[victim] = -1
             release(victim)
             continue
-        _, number = heapq.heappop(ready)
+        number = number_ready
         if done[number]:
             continue
-        done[number] = True
+        done[number] = 1
         remaining -= 1
-        steps.append(Step(number, kinds[number], sources[number], tuple(pending_stash)))
-        pending_stash = []
+        if pending_stash:
+            stashes[len(order)] = tuple(pending_stash)
+            pending_stash = []
+        order.append(number)
         release(number)
 
-    # What no local copy will provide: the first need of each such chunk, in step order.
-    available: set[bytes] = set()
-    fetch: list[Chunk] = []
-    for step in steps:
-        available.update(chunks[victim].id for victim, _ in step.stash)
-        chunk = chunks[step.number]
-        local = step.kind in (Kind.ZERO, Kind.IN_PLACE, Kind.OLD) or (
-            step.kind is Kind.HELD and old_at.get(chunk.offset) == (chunk.size, chunk.id)
+    # What no local copy will provide: the first need of each such chunk, in step order. A chunk is available when
+    # a chunk of the same id was built at an earlier step or stashed at or before this one.
+    # What the ordering needed is given back before what the fetch list needs is made.
+    del waiting[:], copy_of[:], successors[:], first[:]
+    released.clear()
+    done.clear()
+    position_of = array("i", [0]) * count
+    for position, number in enumerate(order):
+        position_of[number] = position
+    stashed_at = array("i", [-1]) * count
+    for position, stash in stashes.items():
+        for victim, _ in stash:
+            stashed_at[victim] = position
+
+    def available(chunk_id: bytes, position: int) -> bool:
+        return any(
+            position_of[other] < position or 0 <= stashed_at[other] <= position
+            for other in index.numbers_of(chunk_id)
         )
-        if not local and chunk.id not in available and chunk.id not in seed_ids:
-            fetch.append(chunk)
-        available.add(chunk.id)
-    return Plan(tuple(chunks), hold_end, tuple(steps), tuple(fetch), stashed, demoted)
+
+    local_codes = {_CODE[Kind.ZERO], _CODE[Kind.IN_PLACE], old_code}
+    fetch = array("i")
+    fetched = bytearray(count)
+    for position, number in enumerate(order):
+        code = kinds[number]
+        local = code in local_codes or (code == held_code and old_in_place(number))
+        if local:
+            continue
+        chunk_id = index.id_of(number)
+        if chunk_id not in seed_ids and not available(chunk_id, position):
+            fetch.append(number)
+            fetched[number] = 1
+    return Plan(index, hold_end, Steps(order, kinds, sources, stashes), Chunks(index, fetch), stashed, demoted,
+                fetched)

@@ -289,7 +289,7 @@ class ChunkFetcher:
 
     def __init__(self, store: ChunkStore, chunks: Sequence[Chunk]) -> None:
         self._store = store
-        self._chunks = list(chunks)
+        self._chunks = chunks  # a plan's compact view: no list of every chunk
         self._next = 0
         self._ready: dict[bytes, bytes] = {}
         self._budget = FETCH_BUDGET

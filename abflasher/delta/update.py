@@ -57,6 +57,8 @@ class SlotsOnDevice:
     #: Where the index of the booted slot's release is published, for a booted slot whose image has no kept index
     #: (installed in full): it is only a hint, as every chunk read from the slot is checked against its id.
     booted_index_url: str | None = None
+    #: The booted release's index, already fetched (a signed channel's delta: `delta/signed.py`).
+    booted_index: ChunkIndex | None = None
 
 
 def store_options(config: Config) -> StoreOptions:
@@ -98,7 +100,7 @@ def fetch_index(index_url: str, options: StoreOptions, cancel: threading.Event |
     return data
 
 
-def _published_index(url: str, options: StoreOptions, cancel: threading.Event) -> ChunkIndex | None:
+def published_index(url: str, options: StoreOptions, cancel: threading.Event) -> ChunkIndex | None:
     """The index at ``url``, or None when it cannot be had (a seed is an offer, not a requirement)."""
     try:
         return parse_index(fetch_index(url, options, cancel), f"index {redact_url(url)}")
@@ -146,12 +148,13 @@ def install_from_index(
     expected_image = expected_sha256.lower() if expected_sha256 else None
     if expected_image is not None and expected_image == hashlib.sha256(raw_index).hexdigest():
         expected_image = None  # the index itself is what the checksum vouches for, and it names every chunk
+    del raw_index  # parsed: its 40 bytes a chunk are not kept through the install
     store = ChunkStore(store_url or default_store_url(index_url), index.digest_name, options, cancel)
     seeds = list(seeds)
     if slots is not None:
-        booted_index = kept.kept_index(slots.state_dir, slots.booted_sha256)
+        booted_index = kept.kept_index(slots.state_dir, slots.booted_sha256) or slots.booted_index
         if booted_index is None and slots.booted_index_url:
-            booted_index = _published_index(slots.booted_index_url, options, cancel)
+            booted_index = published_index(slots.booted_index_url, options, cancel)
         if slots.booted_device and booted_index is not None:
             seeds.append(Seed(slots.booted_device, booted_index, "the booted slot"))
         target_index = target_index or kept.kept_index(slots.state_dir, slots.target_sha256)

@@ -43,9 +43,12 @@ def is_bundle(head: bytes) -> bool:
 def bundle_members(manifest: Manifest) -> list[Artifact]:
     """The artifacts a bundle of ``manifest`` carries after the manifest and its signature, in order."""
     image = manifest.full_image()
-    if image is None:
+    delta = next((a for a in manifest.artifacts if a.is_delta), None)
+    if image is None or delta is not None:
+        # A bundle is one file: it cannot carry a chunk store, and what it signs must be what it holds.
         raise errors.BadBundle(
-            "a bundle must carry the full image: this manifest lists only a delta index for the rootfs"
+            f"a bundle carries full images only: its manifest lists a delta ({delta.format if delta else 'caibx'} "
+            f"index {delta.url if delta else ''}), which only a channel can serve"
         )
     boot = manifest.boot()
     members = [image] if boot is None else [image, boot]

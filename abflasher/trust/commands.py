@@ -48,6 +48,10 @@ def add_bundle_parser(commands: Any) -> None:
     bundle.add_argument("--created", help="creation time, RFC 3339 (default: now)")
     bundle.add_argument("--min-version", default="", help="the oldest version this one may be installed over")
     bundle.add_argument("--release-notes", type=Path, help="a text file of release notes")
+    bundle.add_argument("--delta", action="store_true",
+                        help="also publish the chunked form for delta updates (casync index NAME-VERSION.caibx, chunks "
+                        "added to OUTPUT_DIR/default.castr, shared by the releases published there) and list it in "
+                        "the channel's manifest")
     bundle.add_argument("--json", action="store_true", help="print what was written as one JSON object")
 
 
@@ -68,14 +72,20 @@ def run_bundle(args: argparse.Namespace) -> int:
         image=args.image, version=args.release_version, compatible=args.compatible, output_dir=args.output_dir,
         key=args.key, agent=args.agent, boot_artifact=args.boot_artifact, compression=args.compression,
         name=args.name, created=created, expires=expires, min_version=args.min_version, release_notes=notes,
+        delta=args.delta,
     ))
     if args.json:
         print(json.dumps({"manifest": str(published.manifest), "signature": str(published.signature),
-                          "bundle": str(published.bundle), "artifacts": [str(p) for p in published.artifacts]}))
+                          "bundle": str(published.bundle), "artifacts": [str(p) for p in published.artifacts],
+                          "delta_index": str(published.delta_index) if published.delta_index else None,
+                          "delta_store": str(published.delta_store) if published.delta_store else None}))
     else:
         print(f"bundle:  {published.bundle}")
         print(f"channel: {published.manifest}, {published.signature.name}, "
               f"{', '.join(p.name for p in published.artifacts)} (serve these files from one directory)")
+        if published.delta_index is not None and published.delta_store is not None:
+            print(f"delta:   {published.delta_index.name} and {published.delta_store.name}/ (serve them next to "
+                  "the manifest; keep the store and earlier indexes there)")
     return 0
 
 

@@ -8,10 +8,12 @@ page). Signing is ``ssh-keygen -Y sign -n ab-flasher`` with a key file or the ss
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 from abflasher import errors
 from abflasher.image.formats import DETECT_BYTES, ImageFormat, detect_format, open_decoder
 from abflasher.trust.bundle import write_bundle
-from abflasher.trust.manifest import BOOT_ARTIFACT, IMAGE_ARTIFACT, Artifact, Manifest, parse_manifest
+from abflasher.trust.manifest import BOOT_ARTIFACT, DELTA_FORMAT, IMAGE_ARTIFACT, Artifact, Manifest, parse_manifest
 from abflasher.trust.signature import sign_file
 from abflasher.version import parse_version
 
@@ -50,6 +52,9 @@ class Release:
     expires: int | None = None
     min_version: str = ""
     release_notes: str = ""
+    #: Also publish the chunked form (casync index NAME-VERSION.caibx, chunks added to OUTDIR/default.castr, shared
+    #: by every release published into OUTDIR) and list it in the channel's manifest (docs/publishing.md).
+    delta: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,9 @@ class Published:
     manifest: Path
     signature: Path
     bundle: Path
-    artifacts: tuple[Path, ...]
+    artifacts: tuple[Path, ...]  # the bundle's artifacts (full image, boot artifact)
+    delta_index: Path | None = None  # with Release.delta: the index and the store the channel also serves
+    delta_store: Path | None = None
 
 
 def _measure(path: Path) -> tuple[ImageFormat, int, str]:
@@ -142,9 +149,30 @@ def publish(release: Release) -> Published:
     )
     raw = manifest.dump()
     parse_manifest(raw)  # what we publish, the device must read
+    bundle = release.output_dir / f"{release.name}-{release.version}.bundle.tar"
     manifest_path = release.output_dir / "manifest.json"
+    delta = None
+    if release.delta:
+        from abflasher.delta.publish import make_delta
+
+        # Made first: a missing casync is said before anything is signed.
+        delta = make_delta(release.image, release.output_dir, name=f"{release.name}-{release.version}")
+        # A bundle carries full images only; the channel's manifest lists the chunked form next to the full image,
+        # so it is signed on its own (a hardware key asks for a second touch).
+        with tempfile.TemporaryDirectory(prefix=".bundle-", dir=release.output_dir) as tmp:
+            bundle_manifest = Path(tmp) / "manifest.json"
+            bundle_manifest.write_bytes(raw)
+            bundle_signature = sign_file(bundle_manifest, release.key, agent=release.agent)
+            write_bundle(bundle, raw, bundle_signature, [(a.url, path) for a, path in artifacts], mtime=created)
+        chunked = Artifact(IMAGE_ARTIFACT, delta.index.name, DELTA_FORMAT, delta.image_size, delta.image_sha256,
+                           store=delta.store.name)
+        if (chunked.size, chunked.sha256) != (image.size, image.sha256):
+            raise errors.Internal("the chunked image is not the published image")
+        raw = dataclasses.replace(manifest, artifacts=(*manifest.artifacts, chunked)).dump()
+        parse_manifest(raw)
     manifest_path.write_bytes(raw)
     signature = sign_file(manifest_path, release.key, agent=release.agent)
-    bundle = release.output_dir / f"{release.name}-{release.version}.bundle.tar"
-    write_bundle(bundle, raw, signature, [(a.url, path) for a, path in artifacts], mtime=created)
-    return Published(manifest_path, Path(f"{manifest_path}.sig"), bundle, tuple(path for _, path in artifacts))
+    if delta is None:
+        write_bundle(bundle, raw, signature, [(a.url, path) for a, path in artifacts], mtime=created)
+    return Published(manifest_path, Path(f"{manifest_path}.sig"), bundle, tuple(path for _, path in artifacts),
+                     delta.index if delta else None, delta.store if delta else None)

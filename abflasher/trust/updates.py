@@ -25,7 +25,7 @@ from abflasher.image.locations import redact_url
 from abflasher.image.pipeline import read_head
 from abflasher.image.sources import FdSource, ImageSource, PrefixedSource
 from abflasher.trust.bundle import BundleReader, bundle_members, copy_checked, is_bundle
-from abflasher.trust.manifest import MAX_MANIFEST_SIZE, Artifact, Manifest, parse_manifest
+from abflasher.trust.manifest import IMAGE_ARTIFACT, MAX_MANIFEST_SIZE, Artifact, Manifest, parse_manifest
 from abflasher.trust.signature import Signer, read_allowed_signers, verify
 
 
@@ -68,13 +68,16 @@ class SignedUpdate:
         return self.verified.manifest
 
     def image_artifact(self) -> Artifact:
-        artifact = self.manifest.image()
-        if artifact.is_delta:
-            raise errors.UnsupportedArtifact(
-                f"version {self.manifest.version} is offered only as a delta ({artifact.format} index {artifact.url}) "
-                "and this version of ab-flasher has no delta installer: publish the full image too"
-            )
-        return artifact
+        """The image the manifest offers: its full image, or its delta index when it offers only that."""
+        return self.manifest.image()
+
+    def delta_artifact(self) -> Artifact | None:
+        """The manifest's delta (caibx) form of the image, or None."""
+        return next((a for a in self.manifest.artifacts if a.name == IMAGE_ARTIFACT and a.is_delta), None)
+
+    def delta_urls(self, artifact: Artifact) -> tuple[str, str]:
+        """The index and store URLs of a delta artifact."""
+        raise errors.BadBundle("a bundle carries full images only: a delta (caibx) artifact needs a channel")
 
     def image(self, cancel: threading.Event) -> ImageSource:
         raise NotImplementedError
@@ -131,7 +134,16 @@ class ChannelUpdate(SignedUpdate):
         return channel.SizedSource(open_http(self._config, url, label=artifact.name, cancel=cancel), artifact)
 
     def image(self, cancel: threading.Event) -> ImageSource:
-        return self._download(self.image_artifact(), cancel)
+        artifact = self.manifest.full_image()
+        if artifact is None:
+            raise errors.UnsupportedArtifact(f"version {self.manifest.version} is offered only as a delta")
+        return self._download(artifact, cancel)
+
+    def delta_urls(self, artifact: Artifact) -> tuple[str, str]:
+        from abflasher.trust import channel
+
+        store = channel.artifact_url(self._url, artifact.store) if artifact.store else ""
+        return channel.artifact_url(self._url, artifact.url), store
 
     def boot_artifact(self, workdir: Path, cancel: threading.Event) -> Path | None:
         boot = self.manifest.boot()

@@ -369,21 +369,6 @@ def test_the_timer_goes_only_as_far_as_configured(device: Device, level: str) ->
     assert device.pi.reboots() == []
 
 
-def test_a_channel_offering_only_a_delta_is_refused_until_the_delta_installer_exists(device: Device) -> None:
-    image = device.images["1.1.0"].read_bytes()
-    manifest = json.dumps({
-        "format_version": 1, "compatible": COMPATIBLE, "version": "1.1.0", "created": "2026-01-01T00:00:00Z",
-        "artifacts": [{"name": "rootfs", "url": "root-1.1.0.caibx", "format": "caibx", "store": "default.castr/",
-                       "size": len(image), "sha256": hashlib.sha256(image).hexdigest()}],
-    }).encode()
-    device.server.add("/channel/manifest.json", manifest)
-    device.server.add("/channel/manifest.json.sig", device.keys["owner"].sign(manifest, device.workdir))
-    before = untouched(device.pi)
-    with pytest.raises(errors.UnsupportedArtifact, match="delta"):
-        device.install_channel()
-    assert untouched(device.pi) == before
-
-
 def test_signed_mode_on_the_url_path(device: Device) -> None:
     """Update with a url: a bundle or a signed manifest there installs; an image, or a manifest without its
     signature, is refused as unsigned."""

@@ -109,3 +109,18 @@ def test_kept_indexes_follow_the_images_and_are_pruned(tmp_path: Path) -> None:
     new_root = tmp_path / "newroot" / "var" / "lib" / "ab-flasher"
     kept.carry_indexes(tmp_path / "state", new_root)
     assert sorted(p.name for p in (new_root / "delta").iterdir()) == [f"{two}.caibx", f"{three}.caibx"]
+
+
+def test_chunk_ids_are_found_through_the_compact_table_even_when_their_first_bytes_collide() -> None:
+    from abflasher.delta.index import ChunkIndex
+
+    same_start = [bytes(8) + bytes([n]) * 24 for n in range(4)]
+    ids = [same_start[1], same_start[0], same_start[1], b"\xff" * 32, same_start[2]]
+    index = ChunkIndex(0, 1, 8, 8, [8 * (n + 1) for n in range(len(ids))], b"".join(ids))
+    assert list(index.numbers_of(same_start[1])) == [0, 2]
+    assert list(index.numbers_of(same_start[2])) == [4]
+    assert list(index.numbers_of(same_start[3])) == []
+    assert b"\xff" * 32 in index
+    assert same_start[3] not in index
+    assert index[3].offset == 24
+    assert index.start(0) == 0
