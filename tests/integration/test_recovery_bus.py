@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.service_rig import Device, Rig, service_rig, simulated_device, slot_of, status_of
+from tests.support.service_rig import Device, Rig, simulated_device, slot_of, status_of
 from tests.support.serviceprocess import ServiceProcess
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    yield from service_rig()
 
 
 @pytest.fixture

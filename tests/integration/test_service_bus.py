@@ -33,7 +33,6 @@ from tests.support.service_rig import (
     Device,
     Rig,
     json_lines,
-    service_rig,
     simulated_device,
     slot_of,
     status_of,
@@ -47,11 +46,6 @@ from tests.support.users import popen_as, run_as
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    yield from service_rig()
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from tests.support.service_rig import (
     call_as,
     json_lines,
     serve_image,
-    service_rig,
     simulated_device,
     slot_of,
     status_of,
@@ -41,11 +40,6 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 CANCEL_WITHIN = 15.0
 PASSWORD = "PASS-5ecret"
 TOKEN = "TOK-5ecret"
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    yield from service_rig()
 
 
 @pytest.fixture

@@ -14,18 +14,13 @@ import pytest
 
 from abflasher.autoupdate import Outcome, record_outcome
 from abflasher.trust.publish import Published, Release, publish
-from tests.support.service_rig import Device, Rig, json_lines, service_rig, simulated_device, slot_of, status_of
+from tests.support.service_rig import Device, Rig, json_lines, simulated_device, slot_of, status_of
 from tests.support.serviceprocess import ServiceProcess, config_file_text
 from tests.support.signing import Key, make_key, write_allowed_signers
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
 COMPATIBLE = "acme-pi4"
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    yield from service_rig()
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 from abflasher.image.child_decoder import igzip_path
 from tests.support.bus import REPO, DBusDaemon, world_readable_tempdir
 from tests.support.polkit import DbusmockPolkit
-from tests.support.service_rig import Device, Rig, service_rig, simulated_device
+from tests.support.service_rig import Device, Rig, simulated_device
 from tests.support.serviceprocess import ServiceProcess
-from tests.support.webrig import PASSWORD, WebClient, WebProcess, granted_web_user
+from tests.support.webrig import PASSWORD, WebClient, WebProcess
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -43,16 +43,6 @@ ARTIFACTS = REPO / "test-artifacts" / "web"
 DESKTOP = (1280, 900)
 PHONE = (390, 844)
 WAIT = 120.0
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    yield from service_rig()
-
-
-@pytest.fixture(scope="module")
-def web_user(rig: Rig) -> Iterator[str]:
-    yield from granted_web_user()
 
 
 @pytest.fixture

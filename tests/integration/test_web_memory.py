@@ -9,16 +9,15 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.pidisk import build_root_image
-from tests.support.service_rig import Rig, service_rig
+from tests.support.service_rig import Rig
 from tests.support.serviceprocess import ServiceProcess, config_file_text
 from tests.support.simpi import SimulatedPi
-from tests.support.webrig import PASSWORD, WebClient, WebProcess, granted_web_user
+from tests.support.webrig import PASSWORD, WebClient, WebProcess
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
@@ -33,16 +32,6 @@ PEAK_RSS_LIMIT = 64 * MIB
 PAGE_WRITE_LIMIT = 1 * MIB
 #: What the service may write beside the image: state.json, the new root's fstab and boot files.
 SERVICE_EXTRA_WRITE_LIMIT = 16 * MIB
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    yield from service_rig()
-
-
-@pytest.fixture(scope="module")
-def web_user(rig: Rig) -> Iterator[str]:
-    yield from granted_web_user()
 
 
 def storage_writes(pid: int) -> int:

@@ -36,11 +36,11 @@ from tests.integration.test_web_browser import (
     wait_for,
 )
 from tests.support.pidisk import Variant
-from tests.support.service_rig import Device, Rig, service_rig, simulated_device
+from tests.support.service_rig import Device, Rig, simulated_device
 from tests.support.serviceprocess import ServiceProcess, config_file_text
 from tests.support.signing import Key, write_allowed_signers
 from tests.support.simpi import SimulatedPi
-from tests.support.webrig import WebClient, WebProcess, granted_web_user
+from tests.support.webrig import WebClient, WebProcess
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -50,16 +50,6 @@ browser = test_web_browser.browser
 artifacts = test_web_browser.artifacts
 owner = test_signed_service.owner
 release = test_signed_service.release
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    yield from service_rig()
-
-
-@pytest.fixture(scope="module")
-def web_user(rig: Rig) -> Iterator[str]:
-    yield from granted_web_user()
 
 
 def booted_into_recovery(pi: SimulatedPi) -> None:

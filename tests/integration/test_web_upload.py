@@ -19,13 +19,12 @@ import pytest
 import requests
 
 from abflasher.service.contract import RUNNING_STATES
-from tests.support.service_rig import Device, Rig, service_rig, simulated_device, slot_of
+from tests.support.service_rig import Device, Rig, simulated_device, slot_of
 from tests.support.serviceprocess import ServiceProcess
 from tests.support.webrig import (
     PASSWORD,
     WebClient,
     WebProcess,
-    granted_web_user,
     wait_for_state,
 )
 
@@ -33,16 +32,6 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 IDLE_TIMEOUT = 4.0
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
-    yield from service_rig()
-
-
-@pytest.fixture(scope="module")
-def web_user(rig: Rig) -> Iterator[str]:
-    yield from granted_web_user()
 
 
 @pytest.fixture
