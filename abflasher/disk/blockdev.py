@@ -16,6 +16,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,7 @@ class ReadbackVerifier:
         self._report: Callable[[int], None] | None = None
         self._cond = threading.Condition()
         self._buffer = mmap.mmap(-1, VERIFY_CHUNK)
+        self._spare = mmap.mmap(-1, VERIFY_CHUNK)
         self._thread = threading.Thread(target=self._run, name="abflasher-verify", daemon=True)
         self._thread.start()
 
@@ -249,39 +251,69 @@ class ReadbackVerifier:
             self._durable = max(self._durable, offset)
             self._cond.notify()
 
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._stopped and (self._first is None or self._position >= self._durable):
-                        if self._finishing:
-                            return
-                        self._cond.wait(timeout=0.5)
-                    if self._stopped:
-                        return
-                    start, end = self._position, min(self._durable, self._position + VERIFY_CHUNK)
-                self._read_and_hash(start, end)
-                with self._cond:
-                    self._position = end
-                    report = self._report
-                if report is not None:
-                    report(end)
-                if self._cancel is not None and self._cancel.is_set():
-                    raise errors.Cancelled("cancelled while verifying")
-        except BaseException as exc:
-            self._error = exc
+    def _next_segment(self, start: int | None, *, wait: bool) -> tuple[int, int] | None:
+        """The next piece to read back from ``start`` (None: from where the hash is): what the device holds already,
+        at most VERIFY_CHUNK. With ``wait``, waits until there is one (None once finished or stopped); without, None
+        when there is none yet."""
+        with self._cond:
+            while not self._stopped and (
+                self._first is None or (self._position if start is None else start) >= self._durable
+            ):
+                if self._finishing or not wait:
+                    return None
+                self._cond.wait(timeout=0.5)
+            if self._stopped:
+                return None
+            start = self._position if start is None else start
+            return start, min(self._durable, start + VERIFY_CHUNK)
 
-    def _read_and_hash(self, start: int, end: int) -> None:
+    def _run(self) -> None:
+        # The next piece is read (the kernel and the device working) while this one is hashed (a core working):
+        # reading back a slot that is already written, as a delta install does, costs the slower of the two.
+        buffers = (self._buffer, self._spare)
+        with ThreadPoolExecutor(1, thread_name_prefix="abflasher-readback") as reader:
+            ahead: tuple[int, int, Future[None]] | None = None
+            current = 0
+            try:
+                while True:
+                    if ahead is None:
+                        segment = self._next_segment(None, wait=True)
+                        if segment is None:
+                            return
+                        start, end = segment
+                        read = reader.submit(self._read, buffers[current], start, end)
+                    else:
+                        start, end, read = ahead
+                    read.result()
+                    following = self._next_segment(end, wait=False)
+                    ahead = None
+                    if following is not None:
+                        ahead = (*following, reader.submit(self._read, buffers[1 - current], *following))
+                    with memoryview(buffers[current]) as view:
+                        self._hash.update(view[: end - start])
+                    if ahead is not None:
+                        current = 1 - current
+                    with self._cond:
+                        self._position = end
+                        report = self._report
+                    if report is not None:
+                        report(end)
+                    if self._cancel is not None and self._cancel.is_set():
+                        raise errors.Cancelled("cancelled while verifying")
+            except BaseException as exc:
+                self._error = exc
+                if ahead is not None:
+                    ahead[2].cancel()
+
+    def _read(self, buffer: mmap.mmap, start: int, end: int) -> None:
         want = end - start
         if not self._direct:
             os.posix_fadvise(self._fd, start, want, os.POSIX_FADV_DONTNEED)
         # O_DIRECT reads whole logical blocks; the tail of the image is read rounded up and cut.
         request = (want + 4095) // 4096 * 4096 if self._direct else want
-        got = _pread_full(self._fd, self._buffer, request, start)
+        got = _pread_full(self._fd, buffer, request, start)
         if got < want:
             raise errors.ChecksumMismatch(f"read-back of {self.path} ended at byte {start + got}, expected {end}")
-        with memoryview(self._buffer) as view:
-            self._hash.update(view[:want])
 
     def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
         """Wait until all ``size`` bytes were read back; returns the sha256 of the image as the device holds it."""
@@ -324,3 +356,4 @@ class ReadbackVerifier:
             os.close(self._fd)
             self._fd = -1
         self._buffer.close()
+        self._spare.close()
