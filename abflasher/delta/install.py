@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from abflasher import errors
@@ -41,6 +42,10 @@ from abflasher.image.pipeline import Progress
 #: Chunks that start within this many bytes of the image's start are written last (see the module docstring).
 HOLD_BYTES = 64 << 10
 PROGRESS_INTERVAL = 0.05
+#: Steps whose chunks lie next to each other on the target are built together, up to this many bytes: one read of
+#: what they check or copy, one write of what changed (chunk-sized I/O at odd offsets costs a device round trip each).
+BATCH_BYTES = 2 << 20
+_IOV_MAX = 1024
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -96,6 +101,44 @@ class _Device:
         except OSError as exc:
             raise errors.DeviceError(f"write to {self.path} failed at byte {offset + done}: {exc.strerror}") from exc
 
+    def writev(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
+        """``pieces`` back to back from ``offset``, in as few calls as the kernel allows."""
+        if len(pieces) == 1:
+            self.write(offset, pieces[0])
+            return
+        total = sum(len(piece) for piece in pieces)
+        try:
+            done = os.pwritev(self.fd, pieces[:_IOV_MAX], offset)
+        except OSError as exc:
+            raise errors.DeviceError(f"write to {self.path} failed at byte {offset}: {exc.strerror}") from exc
+        if done < total:
+            # A short write (or more pieces than one call takes): the rest, from where it stopped.
+            self.write(offset + done, b"".join(pieces)[done:])
+
+
+class _Span:
+    """Bytes read from a device at ``start``, handed out as views; what lies outside them is read on demand."""
+
+    def __init__(self, device: _Device, start: int, data: bytes) -> None:
+        self._device, self._start, self._view = device, start, memoryview(data)
+
+    def get(self, offset: int, size: int) -> memoryview | bytes:
+        if self._start <= offset and offset + size <= self._start + len(self._view):
+            return self._view[offset - self._start : offset - self._start + size]
+        return self._device.read(offset, size)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a batch's steps found on the devices: each candidate (chunk, bytes) and whether the bytes are the chunk;
+    the first ``stashes`` are the batch's stashes; ``local`` maps a step's chunk number to its candidate."""
+
+    candidates: list[tuple[Chunk, memoryview | bytes]]
+    good: list[bool]
+    stashes: int
+    local: dict[int, int]
+    zeros: dict[int, bool]
+
 
 class SeedIds(Collection[bytes]):
     """The chunk ids the seeds' indexes list, looked up in the indexes themselves (no set of every id)."""
@@ -133,18 +176,20 @@ class _Builder:
         self.written = self.zeroed = self.in_place = self.from_seeds = self.seed_rejected = 0
         self.done = 0
         #: The held chunks in image order, once known; the region they cover is written last.
-        self.held: list[tuple[int, bytes]] = []
+        self.held: list[tuple[int, bytes, bytes]] = []  # (offset, id, bytes)
         self.held_in_place: dict[bytes, bytes] = {}
         #: Chunks of the old content read ahead of their turn (plan.py), by id.
         self.stash: dict[bytes, bytes] = {}
+        #: The chunks of the batch being built, by id: a chunk the new image holds twice is written from memory.
+        self.batch_built: dict[bytes, bytes | memoryview] = {}
         #: For each chunk number of the new image, 1 once it is on the target (written or found in place); a chunk id
         #: is looked up in the indexes (ChunkIndex.numbers_of), never in a dict keyed by id: memory stays flat.
         self.built = bytearray(len(index))
         self._reported = 0.0
 
     def run(self, fetcher: ChunkFetcher) -> None:
-        planned = self.plan.fetched
-        held_steps = [step for step in self.plan.steps if step.kind is Kind.HELD]
+        steps = self.plan.steps
+        held_steps = [step for step in steps if step.kind is Kind.HELD]
         # The held chunks the target holds in place are read before their region is zeroed.
         for step in held_steps:
             chunk = self.chunks[step.number]
@@ -152,56 +197,179 @@ class _Builder:
             if data is not None:
                 self.held_in_place[chunk.id] = data
         self._zero(0, self.plan.hold_end)
-        for step in self.plan.steps:
-            if self.cancel.is_set():
-                raise errors.Cancelled("the install was cancelled")
+        for step in held_steps:
+            self._build_held(step.number, self.chunks[step.number], fetcher)
+        for _, seed in self.seeds:
+            next(seed.index.numbers_of(b""), None)  # its id table, made now rather than by two threads at once
+        # While one batch is put together and written, the next one's bytes are read and hashed on another thread:
+        # the steps go from the start to the end, so what a batch reads lies beyond what the batches before it
+        # write (plan.py), and reading it early is safe.
+        with ThreadPoolExecutor(1, thread_name_prefix="abflasher-delta-read") as reader:
+            ahead: tuple[list[tuple[Step, Chunk]], Future[_Prepared]] | None = None
+            for batch in self._batches(len(held_steps)):
+                prepared = reader.submit(self._prepare, batch)
+                if ahead is not None:
+                    self._finish(ahead[0], ahead[1].result(), fetcher)
+                ahead = (batch, prepared)
+                if self.cancel.is_set():
+                    raise errors.Cancelled("the install was cancelled")
+            if ahead is not None:
+                self._finish(ahead[0], ahead[1].result(), fetcher)
+
+    def _batches(self, first: int) -> Iterator[list[tuple[Step, Chunk]]]:
+        """The steps from ``first`` on, in runs of up to `BATCH_BYTES` (the steps' chunks follow each other)."""
+        steps = self.plan.steps
+        batch: list[tuple[Step, Chunk]] = []
+        size = 0
+        for position in range(first, len(steps)):
+            step = steps[position]
+            chunk = self.chunks[step.number]
+            if batch and size + chunk.size > BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+            batch.append((step, chunk))
+            size += chunk.size
+        if batch:
+            yield batch
+
+    def _build_held(self, number: int, chunk: Chunk, fetcher: ChunkFetcher) -> None:
+        if self.plan.fetched[number]:
+            self.plan.fetched[number] = 0
+            data: bytes | None = fetcher.take(chunk)
+        else:
+            data = self.held_in_place.get(chunk.id)
+        self.held.append((chunk.offset, chunk.id, data if data is not None else bytes(self._obtain(chunk, fetcher))))
+        self.built[number] = 1
+        self.done += chunk.size
+        self.report(self.done)
+
+    def _prepare(self, batch: list[tuple[Step, Chunk]]) -> _Prepared:
+        """Read what ``batch`` checks in place, copies and stashes from the target and the seeds, a large read each,
+        and hash every such candidate (on the reader thread: this touches nothing the installer changes)."""
+        planned, stashed_by_then = self.plan.fetched, self.plan.stashed
+        # What the steps check in place, and the sources they stash (those start within the batch's chunks).
+        here = self._span([(chunk.offset, chunk.size) for step, chunk in batch
+                           if step.kind in (Kind.IN_PLACE, Kind.ZERO) and not planned[step.number]] +
+                          [(offset, self.chunks[number].size) for step, _ in batch for number, offset in step.stash])
+        there = self._span([(step.source, chunk.size) for step, chunk in batch
+                            if step.kind is Kind.OLD and not planned[step.number]])
+        candidates: list[tuple[Chunk, memoryview | bytes]] = []
+        for step, _ in batch:
             for number, offset in step.stash:
                 stashed = self.chunks[number]
-                data = self._checked(self.device, offset, stashed)
-                if data is not None:
-                    self.stash[stashed.id] = data
-            chunk = self.chunks[step.number]
-            self._build(step, chunk, fetcher, planned)
+                candidates.append((stashed, here.get(offset, stashed.size)))
+        stashes = len(candidates)
+        local: dict[int, int] = {}  # step number -> its candidate
+        zeros: dict[int, bool] = {}  # step number of a chunk of zeros -> whether the target holds zeros there
+        seeded: dict[int, tuple[_Device, int]] = {}
+        for step, chunk in batch:
+            if planned[step.number]:
+                continue
+            if step.kind is Kind.ZERO:
+                zeros[step.number] = here.get(chunk.offset, chunk.size) == bytes(chunk.size)
+            elif step.kind is Kind.IN_PLACE:
+                local[step.number] = len(candidates)
+                candidates.append((chunk, here.get(chunk.offset, chunk.size)))
+            elif step.kind is Kind.OLD:
+                local[step.number] = len(candidates)
+                candidates.append((chunk, there.get(step.source, chunk.size)))
+            elif step.kind is Kind.OTHER and not stashed_by_then[step.number]:
+                found = self._seed_of(chunk)
+                if found is not None:
+                    seeded[step.number] = found
+        # A seed's chunks that moved together stay together: read a run at a time too.
+        for device, _ in self.seeds:
+            span = self._span([(offset, self.chunks[n].size) for n, (other, offset) in seeded.items()
+                               if other is device], device)
+            for number, (other, offset) in seeded.items():
+                if other is device:
+                    local[number] = len(candidates)
+                    candidates.append((self.chunks[number], span.get(offset, self.chunks[number].size)))
+        good = [len(data) == chunk.size and self.index.digest(data) == chunk.id for chunk, data in candidates]
+        return _Prepared(candidates, good, stashes, local, zeros)
+
+    def _finish(self, batch: list[tuple[Step, Chunk]], prepared: _Prepared, fetcher: ChunkFetcher) -> None:
+        """Put ``batch`` together from what `_prepare` found and checked, the stashes, the fetcher and the rest of
+        the places `_obtain` looks, and write the chunks that changed in runs."""
+        candidates, good = prepared.candidates, prepared.good
+        # Stashes are kept before any step of the batch writes: a stash's source is not overwritten before its step.
+        for (stashed, stashed_bytes), ok in zip(candidates[: prepared.stashes], good, strict=False):
+            if ok:
+                self.stash[stashed.id] = bytes(stashed_bytes)
+        planned = self.plan.fetched
+        out: list[tuple[int, int, bytes | memoryview | None]] = []  # (offset, size, bytes, or None for zeros)
+        for step, chunk in batch:
+            data: bytes | memoryview | None = None
+            position = prepared.local.get(step.number)
+            if planned[step.number]:
+                # A chunk the plan fetches is taken from the fetcher, which holds it within its budget until then.
+                planned[step.number] = 0
+                data = fetcher.take(chunk)
+            elif step.number in prepared.zeros:
+                # Reading is free of wear, and zeroing may not be (a card without WRITE ZEROES gets zeros written).
+                if prepared.zeros[step.number]:
+                    self.in_place += chunk.size
+                else:
+                    out.append((chunk.offset, chunk.size, None))
+                continue
+            elif position is not None and good[position]:
+                data = candidates[position][1]
+                if step.kind is Kind.IN_PLACE:
+                    self.in_place += chunk.size
+                    self.batch_built[chunk.id] = data
+                    continue
+                self.from_seeds += chunk.size
+            elif position is not None and step.kind is Kind.OTHER:
+                self.seed_rejected += 1
+            if data is None:
+                data = self._obtain(chunk, fetcher, seeds=position is None)
+            self.batch_built[chunk.id] = data
+            out.append((chunk.offset, chunk.size, data))
+        self.batch_built.clear()
+        self._write_runs(out)
+        for step, chunk in batch:
             self.built[step.number] = 1
             self.done += chunk.size
-            self.report(self.done)
+        self.report(self.done)
 
-    def _build(self, step: Step, chunk: Chunk, fetcher: ChunkFetcher, planned: bytearray) -> None:
-        if planned[step.number]:
-            # A chunk the plan fetches is taken from the fetcher, which holds it within its budget until then.
-            planned[step.number] = 0
-            data: bytes | None = fetcher.take(chunk)
-        elif step.kind is Kind.HELD:
-            data = self.held_in_place.get(chunk.id)
-        else:
-            data = None
-        if step.kind is Kind.HELD:
-            self.held.append((chunk.offset, data if data is not None else self._obtain(chunk, fetcher)))
-            return
-        if data is not None:
-            self.device.write(chunk.offset, data)
-            self.written += chunk.size
-            return
-        if step.kind is Kind.ZERO:
-            # Reading is free of wear, and zeroing may not be (a card without WRITE ZEROES gets zeros written).
-            if self.device.read(chunk.offset, chunk.size).count(0) == chunk.size:
-                self.in_place += chunk.size
-            else:
-                self._zero(chunk.offset, chunk.size)
-                self.zeroed += chunk.size
-            return
-        if step.kind is Kind.IN_PLACE and self._checked(self.device, chunk.offset, chunk) is not None:
-            self.in_place += chunk.size
-            return
-        if step.kind is Kind.OLD:
-            data = self._checked(self.device, step.source, chunk)
-            if data is not None:
-                self.from_seeds += chunk.size
-        if data is None:
-            data = self._obtain(chunk, fetcher)
-        self.device.write(chunk.offset, data)
-        self.written += chunk.size
+    def _span(self, ranges: Sequence[tuple[int, int]], device: _Device | None = None) -> _Span:
+        """The bytes of ``device`` (the target) in ``ranges`` (offset, size): one read when they lie close together,
+        as a run of chunks moved together does; otherwise each is read when asked for."""
+        device = device or self.device
+        if not ranges:
+            return _Span(device, 0, b"")
+        low = min(offset for offset, _ in ranges)
+        high = max(offset + size for offset, size in ranges)
+        if high - low > 2 * BATCH_BYTES:
+            return _Span(device, 0, b"")
+        return _Span(device, low, device.read(low, high - low))
 
+    def _seed_of(self, chunk: Chunk) -> tuple[_Device, int] | None:
+        """Where the first seed whose index lists ``chunk`` holds it."""
+        return next(((device, seed.index.start(n)) for device, seed in self.seeds
+                     for n in seed.index.numbers_of(chunk.id)), None)
+
+    def _write_runs(self, out: list[tuple[int, int, bytes | memoryview | None]]) -> None:
+        """Write the changed chunks, those that are next to each other in one call (the kernel then reads no partial
+        page of theirs from the device first), zeros as a zeroed range."""
+        out.sort(key=lambda item: item[0])
+        run: list[bytes | memoryview] = []
+        run_start = run_end = 0
+        for offset, size, data in out:
+            if data is None:
+                self._zero(offset, size)
+                self.zeroed += size
+                continue
+            if run and offset != run_end:
+                self.device.writev(run_start, run)
+                run = []
+            if not run:
+                run_start = run_end = offset
+            run.append(data)
+            run_end += len(data)
+            self.written += len(data)
+        if run:
+            self.device.writev(run_start, run)
 
     def report(self, done: int, force: bool = False) -> None:
         now = time.monotonic()
@@ -215,14 +383,15 @@ class _Builder:
             return data
         return None
 
-    def _obtain(self, chunk: Chunk, fetcher: ChunkFetcher) -> bytes:
+    def _obtain(self, chunk: Chunk, fetcher: ChunkFetcher, *, seeds: bool = True) -> bytes | memoryview:
         """The chunk's bytes, checked against its id, from the first place that has them (module docstring)."""
-        data = self.stash.pop(chunk.id, None)
-        if data is not None:
+        # Each of these was checked against its id when it was obtained.
+        kept = self.stash.pop(chunk.id, None) or self.batch_built.get(chunk.id)
+        if kept is not None:
             self.from_seeds += chunk.size
-            return data
-        for _, held in self.held:
-            if len(held) == chunk.size and self.index.digest(held) == chunk.id:
+            return kept
+        for _, held_id, held in self.held:
+            if held_id == chunk.id:
                 return held
         built = next((n for n in self.index.numbers_of(chunk.id) if self.built[n]), None)
         if built is not None:
@@ -230,8 +399,7 @@ class _Builder:
             if data is not None:
                 self.from_seeds += chunk.size
                 return data
-        seed = next(((device, s.index.start(n)) for device, s in self.seeds for n in s.index.numbers_of(chunk.id)),
-                    None)
+        seed = self._seed_of(chunk) if seeds else None
         if seed is not None:
             data = self._checked(seed[0], seed[1], chunk)
             if data is not None:
@@ -249,10 +417,10 @@ class _Builder:
                 self.device.write(position, zeros[: min(len(zeros), offset + length - position)])
 
     def held_bytes(self) -> bytes:
-        return b"".join(data for _, data in sorted(self.held))
+        return b"".join(data for _, _, data in sorted(self.held))
 
     def write_held(self) -> None:
-        for offset, data in self.held:
+        for offset, _, data in self.held:
             self.device.write(offset, data)
             self.written += len(data)
 

@@ -1,13 +1,13 @@
 """The order in which a delta install builds the target, and which chunks it will have to fetch.
 
 A chunk the target's old content holds at another offset can be copied from there only if nothing overwrote that
-place first. When a release moves data (a file system rebuilt with ``mkfs -d`` shifts every block after a changed
-file), a front-to-back pass would destroy most of those sources before reading them; a back-to-front pass would do
-the same to data that moved the other way. So the plan orders the writes: every copy from the old content comes
-before every write whose destination overlaps its source (a topological order of that graph, lowest offset first
-among the ready ones). A cycle (two chunks that swapped places) is broken by reading one of its copies into memory
-before anything overwrites it (a *stash*, within `STASH_BUDGET` bytes) or, past the budget, by taking that chunk
-from a seed or the store instead. Nothing of the old content is read after it was overwritten.
+place first. The steps go from the image's start to its end, so the target is written in long runs and read ahead
+of them. A copy from further on (data the release moved towards the start) is read at its own step, before anything
+overwrote it. A copy from further back (data moved towards the end: a file system rebuilt with ``mkfs -d`` shifts
+every block after a file that grew) would find its source overwritten by then, so it is read into memory just
+before the step that overwrites the source's first byte (a *stash*). The stashed bytes waiting for their step stay
+within `STASH_BUDGET` (a release moves data by the size of what changed before it, a few MiB); past it the chunk is
+taken from a seed or the store instead. Nothing of the old content is read after it was overwritten.
 
 The chunks starting in the first ``hold_bytes`` of the image (its superblock or partition table) are *held*: their
 region is zeroed before anything else is written and they are written last; they never serve as sources.
@@ -25,7 +25,7 @@ from typing import overload
 
 from abflasher.delta.index import Chunk, ChunkIndex
 
-#: Memory for chunks of the old content read ahead of their turn to break cycles.
+#: Memory for chunks of the old content read before their source is overwritten, waiting for their step.
 STASH_BUDGET = 16 << 20
 
 
@@ -98,9 +98,11 @@ class Plan:
     steps: Steps
     fetch: Chunks  # expected from the store, in the order the steps need them
     stashed_bytes: int
-    demoted: int  # copies given up to break cycles beyond the stash budget
+    demoted: int  # copies given up beyond the stash budget
     #: For each chunk number, 1 when it is in ``fetch`` (the installer takes it from the fetcher at its step).
     fetched: bytearray
+    #: For each chunk number, 1 when a stash holds it by its step.
+    stashed: bytearray
 
 
 def make_plan(
@@ -175,93 +177,40 @@ def make_plan(
             kind = Kind.OTHER
         kinds[number] = _CODE[kind]
 
-    # Each copy must come before every write into its source: the successors of copy c are
-    # successors[first[c]:first[c + 1]] (one flat array, no list per chunk).
-    copy_of = array("i", [-1]) * count
-    successors = array("i")
-    first = array("i")
-    waiting = array("i", [0]) * count
-    for position, number in enumerate(copies):
-        copy_of[number] = position
-        first.append(len(successors))
-        source, end = sources[number], sources[number] + size_of(number)
-        other = bisect.bisect_right(starts, source) - 1
-        while other < count and starts[other] < end:
-            if other != number:
-                successors.append(other)
-                waiting[other] += 1
-            other += 1
-    first.append(len(successors))
-    released = bytearray(len(copies))
-
+    # The steps go from the image's start to its end (held chunks first), so the target is written in long runs. A
+    # copy whose source starts below its own offset (data the release moved towards the end) would find its source
+    # overwritten by then: it is read into memory (stashed) just before the step whose chunk holds the source's
+    # first byte, as long as the stashed bytes waiting for their step stay within the budget; past it the chunk is
+    # taken from a seed or the store instead. A copy from further on is read at its own step, before anything
+    # overwrote it.
     held_code, old_code, other_code = _CODE[Kind.HELD], _CODE[Kind.OLD], _CODE[Kind.OTHER]
-    order = array("i", (n for n in range(count) if kinds[n] == held_code))
-    # Chunk numbers follow offsets, so the lowest offset ready is the lowest number ready: the chunks ready from the
-    # start are met by a cursor, and only those a copy releases go through the heap (no list of every chunk).
-    ready: list[int] = []
-    cursor = 0
-
-    def next_ready() -> int | None:
-        nonlocal cursor
-        while cursor < count and (kinds[cursor] == held_code or waiting[cursor] or done[cursor]):
-            cursor += 1
-        if ready and (cursor >= count or ready[0] < cursor):
-            return heapq.heappop(ready)
-        if cursor < count:
-            cursor += 1
-            return cursor - 1
-        return None
-    remaining = count - len(order)
-    done = bytearray(count)
+    # Held chunks are the first ones, so the steps are simply the chunks in order: a step's position is its number.
+    order = array("i", range(count))
+    moved_back = sorted(
+        (bisect.bisect_right(starts, sources[n]) - 1, n) for n in copies if sources[n] < starts[n]
+    )
     stashes: dict[int, tuple[tuple[int, int], ...]] = {}
-    pending_stash: list[tuple[int, int]] = []
-    stashed = demoted = 0
-    next_copy = 0
-
-    def release(number: int) -> None:
-        position = copy_of[number]
-        if position < 0 or released[position]:
-            return
-        released[position] = 1
-        for other in successors[first[position] : first[position + 1]]:
-            waiting[other] -= 1
-            if waiting[other] == 0 and not done[other]:
-                heapq.heappush(ready, other)
-
-    while remaining:
-        number_ready = next_ready()
-        if number_ready is None:
-            # A cycle: give up the lowest copy still waiting to be read.
-            while done[copies[next_copy]] or released[next_copy] or first[next_copy] == first[next_copy + 1]:
-                next_copy += 1
-            victim = copies[next_copy]
-            size = size_of(victim)
-            if stashed + size <= stash_budget:
-                pending_stash.append((victim, sources[victim]))
-                stashed += size
-            else:
-                demoted += 1
-            kinds[victim] = other_code
-            sources[victim] = -1
-            release(victim)
+    waiting: list[tuple[int, int]] = []  # (the step that uses it, its size): stashed bytes not used yet
+    stashed = demoted = waiting_bytes = 0
+    for position, number in moved_back:
+        while waiting and waiting[0][0] < position:
+            waiting_bytes -= heapq.heappop(waiting)[1]
+        size = size_of(number)
+        if waiting_bytes + size > stash_budget:
+            kinds[number] = other_code
+            sources[number] = -1
+            demoted += 1
             continue
-        number = number_ready
-        if done[number]:
-            continue
-        done[number] = 1
-        remaining -= 1
-        if pending_stash:
-            stashes[len(order)] = tuple(pending_stash)
-            pending_stash = []
-        order.append(number)
-        release(number)
+        heapq.heappush(waiting, (number, size))
+        waiting_bytes += size
+        stashed += size
+        stashes[position] = (*stashes.get(position, ()), (number, sources[number]))
+        kinds[number] = other_code
+        sources[number] = -1
+    del moved_back, waiting
 
     # What no local copy will provide: the first need of each such chunk, in step order. A chunk is available when
     # a chunk of the same id was built at an earlier step or stashed at or before this one.
-    # What the ordering needed is given back before what the fetch list needs is made.
-    del waiting[:], copy_of[:], successors[:], first[:]
-    released.clear()
-    done.clear()
     position_of = array("i", [0]) * count
     for position, number in enumerate(order):
         position_of[number] = position
@@ -288,5 +237,9 @@ def make_plan(
         if chunk_id not in seed_ids and not available(chunk_id, position):
             fetch.append(number)
             fetched[number] = 1
+    stashed_flags = bytearray(count)
+    for stash in stashes.values():
+        for victim, _ in stash:
+            stashed_flags[victim] = 1
     return Plan(index, hold_end, Steps(order, kinds, sources, stashes), Chunks(index, fetch), stashed, demoted,
-                fetched)
+                fetched, stashed_flags)

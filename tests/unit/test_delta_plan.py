@@ -1,5 +1,6 @@
-"""The delta install's plan: copies from the target's old content come before any write into their source, so the
-slot can be rebuilt in place however the release moved its data. Checked by carrying plans out on a bytearray."""
+"""The delta install's plan: the target is built from its start to its end, and a copy from its old content never
+reads anything already overwritten (it is stashed first, within a memory budget), so the slot can be rebuilt in
+place however the release moved its data. Checked by carrying plans out on a bytearray."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def block(name: int) -> bytes:
 
 def carry_out(old: list[int], new: list[int], stash_budget: int, hold: int = SIZE) -> tuple[bytes, int, int]:
     """Apply the plan of old → new to the old image as the installer does; returns (the result, chunks fetched,
-    chunks stashed). Fails if a copy would read anything but the chunk it was planned for."""
+    the most stashed chunks waiting at once). Fails if a copy would read anything but the chunk it was planned for,
+    or if the steps do not go from the start to the end."""
     old_blocks, new_blocks = [block(n) for n in old], [block(n) for n in new]
     index, target_index = index_of(new_blocks), index_of(old_blocks)
     plan = make_plan(index, target_index=target_index, seed_ids=(), hold_bytes=hold, stash_budget=stash_budget)
@@ -39,13 +41,13 @@ def carry_out(old: list[int], new: list[int], stash_budget: int, hold: int = SIZ
     stash: dict[bytes, bytes] = {}
     fetched = {chunk.id for chunk in plan.fetch}
     stashed = 0
-    assert sorted(step.number for step in plan.steps) == list(range(len(new)))
+    assert [step.number for step in plan.steps] == list(range(len(new)))
     for step in plan.steps:
         for number, source in step.stash:
             data = bytes(device[source : source + SIZE])
             assert data == new_blocks[number], "a stash read something overwritten"
             stash[plan.chunks[number].id] = data
-            stashed += 1
+        stashed = max(stashed, len(stash))
         chunk = plan.chunks[step.number]
         wanted = new_blocks[step.number]
         if step.kind is Kind.HELD:
@@ -54,7 +56,7 @@ def carry_out(old: list[int], new: list[int], stash_budget: int, hold: int = SIZ
             assert bytes(device[step.source : step.source + SIZE]) == wanted, "a copy read something overwritten"
         elif step.kind is Kind.IN_PLACE:
             assert bytes(device[chunk.offset : chunk.end]) == wanted
-        elif step.kind is Kind.OTHER and chunk.id not in stash:
+        elif step.kind is Kind.OTHER and stash.pop(chunk.id, None) is None:
             # From the store, or from a chunk of the new image written before.
             assert chunk.id in fetched or wanted in {new_blocks[s.number] for s in plan.steps[: plan.steps.index(step)]}
         device[chunk.offset : chunk.end] = wanted
@@ -62,15 +64,32 @@ def carry_out(old: list[int], new: list[int], stash_budget: int, hold: int = SIZ
     return bytes(device[: index.size]), len(plan.fetch), stashed
 
 
-def test_data_moved_forward_is_copied_back_to_front_with_nothing_fetched() -> None:
+def test_data_moved_towards_the_end_is_stashed_just_before_it_is_overwritten() -> None:
     old = [1, *range(10, 30)]
-    new = [1, 99, *range(10, 30)][: len(old) + 1]  # a new chunk inserted: everything after it moves forward
+    new = [1, 99, 98, *range(10, 30)]  # two new chunks inserted: everything after them moves two chunks on
+    result, fetched, stashed = carry_out(old, new, stash_budget=3 * SIZE)
+    assert result == b"".join(block(n) for n in new)
+    assert fetched == 2, "only the new chunks come from the store"
+    assert stashed <= 3, "memory follows how far the data moved, not how much of it did"
+
+
+def test_past_the_stash_budget_moved_data_is_fetched() -> None:
+    old = [1, *range(10, 30)]
+    new = [1, 99, 98, *range(10, 30)]
     result, fetched, stashed = carry_out(old, new, stash_budget=0)
     assert result == b"".join(block(n) for n in new)
-    assert (fetched, stashed) == (1, 0), "only the new chunk comes from the store"
+    assert (fetched, stashed) == (22, 0)
 
 
-def test_swapped_chunks_are_a_cycle_broken_by_the_stash_or_else_by_the_store() -> None:
+def test_data_moved_towards_the_start_is_copied_with_nothing_stashed() -> None:
+    old = [1, 99, 98, *range(10, 30)]
+    new = [1, *range(10, 30)]
+    result, fetched, stashed = carry_out(old, new, stash_budget=0)
+    assert result == b"".join(block(n) for n in new)
+    assert (fetched, stashed) == (0, 0)
+
+
+def test_swapped_chunks_are_stashed_or_else_fetched() -> None:
     old, new = [1, 10, 11, 12], [1, 12, 11, 10]
     result, fetched, stashed = carry_out(old, new, stash_budget=SIZE)
     assert result == b"".join(block(n) for n in new)
