@@ -2,8 +2,8 @@
 
 A chunk with id ``ID`` (hex) is the file ``STORE/ID[:4]/ID.cacnk``: the chunk's bytes compressed with zstd (casync's
 default; xz and gzip chunks, which ``casync make --compression=`` can make, are read too). Every chunk is fetched
-with one plain GET (never a multi-range request, which S3 does not answer) over keep-alive connections, one
-``requests`` session per connection; a body cut short is resumed with ``Range`` guarded by ``If-Range``; failures
+with one plain GET (never a multi-range request, which S3 does not answer) over keep-alive connections
+(delta/store_http.py); a body cut short is resumed with ``Range`` guarded by ``If-Range``; failures
 are retried with backoff; and nothing is handed on before it decompressed to exactly the chunk's size and its digest
 equals the chunk's id.
 
@@ -14,6 +14,7 @@ chunks, within a fixed budget of bytes, so memory stays flat whatever the image 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import logging
 import lzma
@@ -24,15 +25,13 @@ import urllib.parse
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import requests
-import urllib3
+from email.message import Message
 
 from abflasher import errors
 from abflasher.delta.index import CHUNK_SUFFIX, Chunk
-from abflasher.image.http import _describe_failure, _status_text
+from abflasher.delta.store_http import StoreConnection, describe_failure
+from abflasher.image.http import _status_text
 from abflasher.image.locations import check_http_url, redact_url
-from abflasher.image.watched_session import NEW_SOCKET_WATCHER, watched_session
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,12 @@ class ChunkStore:
         name = chunk_id.hex()
         return f"{self.location}/{name[:4]}/{name}{CHUNK_SUFFIX}"
 
-    def fetch(self, chunk: Chunk, session: requests.Session | None) -> bytes:
+    def connection(self) -> StoreConnection:
+        """A keep-alive connection for `fetch`, whose sockets `abort` can cut."""
+        return StoreConnection(connect_timeout=self.options.connect_timeout, read_timeout=self.options.read_timeout,
+                               watch=self._watch)
+
+    def fetch(self, chunk: Chunk, session: StoreConnection | None) -> bytes:
         """The chunk's bytes, decompressed and checked against its id; retried up to ``options.retries`` times."""
         import hashlib
 
@@ -179,7 +183,7 @@ class ChunkStore:
         if self.cancel.wait(wait):
             raise errors.Cancelled("the update was cancelled")
 
-    def _download(self, chunk: Chunk, session: requests.Session) -> bytes:
+    def _download(self, chunk: Chunk, session: StoreConnection) -> bytes:
         """The chunk file's bytes as the server holds them, resumed when a body is cut short."""
         url = self.chunk_location(chunk.id)
         shown = f"chunk {chunk.hex} from {self.description}"
@@ -203,51 +207,48 @@ class ChunkStore:
                 headers["Range"] = f"bytes={len(body)}-"
                 if validator is not None:
                     headers["If-Range"] = validator
-            watching = NEW_SOCKET_WATCHER.set(self._watch)
             try:
-                resp = session.get(url, headers=headers, stream=True, timeout=(self.options.connect_timeout,
-                                                                               self.options.read_timeout))
-            except (requests.ConnectionError, requests.Timeout) as exc:
+                resp = session.get(url, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                session.reset()
                 self._check_cancel()
-                retry(f"fetching {shown} failed: {_describe_failure(exc)}")
+                retry(f"fetching {shown} failed: {describe_failure(exc)}")
                 continue
-            except requests.RequestException as exc:
-                raise errors.Network(f"cannot fetch {shown}: {_describe_failure(exc)}") from exc
-            finally:
-                NEW_SOCKET_WATCHER.reset(watching)
-            with resp:
-                status = resp.status_code
-                if resp.url.startswith("http://") and url.startswith("https://"):
-                    raise errors.Network(f"refusing a redirect from https to plain http for {shown}")
+            status = resp.status
+            if status == 404 or status >= 500 or status in _RETRYABLE_STATUSES or status not in (200, 206) or (
+                status == 206 and not (body and _range_start(resp.headers) == len(body))
+            ):
+                session.reset()  # the body is not wanted: a fresh connection is cheaper than reading it
                 if status == 404:
                     raise errors.Network(f"{shown} is missing (HTTP 404): the store does not hold this image")
                 if status >= 500 or status in _RETRYABLE_STATUSES:
                     retry(f"server error for {shown}: {_status_text(status)}")
                     continue
-                if status == 206 and body and _range_start(resp) == len(body):
-                    pass  # the rest of what we have
-                elif status == 200:
-                    body.clear()  # the whole file again (a server that ignores Range, or a changed file)
-                else:
-                    raise errors.Network(f"server answered {_status_text(status)} for {shown}")
-                validator = _strong_etag(resp) or resp.headers.get("Last-Modified") or validator
-                expected_end = _expected_end(resp, len(body))
-                try:
-                    for piece in resp.raw.stream(_READ_PIECE, decode_content=False):
-                        body += piece
-                        self._count(len(piece))
-                        if len(body) > limit:
-                            raise errors.Network(f"server sent more than {limit} bytes for {shown}; refusing it")
-                except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-                    self._check_cancel()
-                    retry(f"connection lost after {len(body)} bytes of {shown}: {_describe_failure(exc)}")
-                    continue
-                if expected_end is not None and len(body) < expected_end:
-                    retry(f"body of {shown} ended after {len(body)} of {expected_end} bytes")
-                    continue
-                if expected_end is not None and len(body) > expected_end:
-                    raise errors.Network(f"server sent more than its Content-Length for {shown}")
-                return bytes(body)
+                raise errors.Network(f"server answered {_status_text(status)} for {shown}")
+            if status == 200:
+                body.clear()  # the whole file again (a server that ignores Range, or a changed file)
+            validator = _strong_etag(resp.headers) or resp.headers.get("Last-Modified") or validator
+            expected_end = _expected_end(resp.headers, len(body))
+            try:
+                while piece := resp.read(_READ_PIECE):
+                    body += piece
+                    self._count(len(piece))
+                    if len(body) > limit:
+                        session.reset()
+                        raise errors.Network(f"server sent more than {limit} bytes for {shown}; refusing it")
+            except (OSError, http.client.HTTPException) as exc:
+                session.reset()
+                self._check_cancel()
+                retry(f"connection lost after {len(body)} bytes of {shown}: {describe_failure(exc)}")
+                continue
+            if resp.will_close:
+                session.reset()
+            if expected_end is not None and len(body) < expected_end:
+                retry(f"body of {shown} ended after {len(body)} of {expected_end} bytes")
+                continue
+            if expected_end is not None and len(body) > expected_end:
+                raise errors.Network(f"server sent more than its Content-Length for {shown}")
+            return bytes(body)
 
     def _watch(self, sock: socket.socket) -> None:
         with self._lock:
@@ -264,20 +265,20 @@ class ChunkStore:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-def _strong_etag(resp: requests.Response) -> str | None:
-    etag = resp.headers.get("ETag")
+def _strong_etag(headers: Message) -> str | None:
+    etag = headers.get("ETag")
     return etag if etag is not None and not etag.startswith("W/") else None
 
 
-def _range_start(resp: requests.Response) -> int | None:
-    value = resp.headers.get("Content-Range", "")
+def _range_start(headers: Message) -> int | None:
+    value = headers.get("Content-Range", "")
     unit, _, spec = value.partition(" ")
     start, _, _ = spec.partition("-")
     return int(start) if unit.strip() == "bytes" and start.isdigit() else None
 
 
-def _expected_end(resp: requests.Response, have: int) -> int | None:
-    value = resp.headers.get("Content-Length")
+def _expected_end(headers: Message, have: int) -> int | None:
+    value = headers.get("Content-Length")
     if value is None or not value.strip().isdigit():
         return None
     return have + int(value.strip())
@@ -299,7 +300,7 @@ class ChunkFetcher:
         self._stopped = False
         count = max(1, min(store.options.connections, len(self._chunks))) if self._chunks else 0
         # One session per connection, and one for the installer's own late fetches (`fetch_now`).
-        self._sessions = [watched_session() if store.remote else None for _ in range(count + 1)]
+        self._sessions = [store.connection() if store.remote else None for _ in range(count + 1)]
         self._threads = [
             threading.Thread(target=self._work, args=(self._sessions[n],), name=f"abflasher-fetch-{n}", daemon=True)
             for n in range(count)
@@ -314,7 +315,7 @@ class ChunkFetcher:
                 self._store.abort()
                 return
 
-    def _work(self, session: requests.Session | None) -> None:
+    def _work(self, session: StoreConnection | None) -> None:
         try:
             while True:
                 with self._cond:
