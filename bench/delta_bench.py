@@ -32,6 +32,7 @@ import os
 import platform
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -256,17 +257,72 @@ def two_slot_disk(capacity: int) -> Iterator[Disk]:
         backing.unlink(missing_ok=True)
 
 
+NGINX_CONF = """
+user root;
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    log_format served '$request_uri $body_bytes_sent';
+    access_log {log_file} served;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @contextmanager
-def static_server(root: Path, log_file: Path) -> Iterator[str]:
-    """A plain static HTTP/1.1 server for ``root`` in its own process; yields its base URL."""
+def static_server(root: Path, log_file: Path, kind: str) -> Iterator[str]:
+    """A static HTTP/1.1 server for ``root`` in its own process (nginx, as a fleet's update server would be, or
+    Python's http.server); yields its base URL. Each request is logged as "PATH BYTES" to ``log_file``."""
+    if kind == "nginx":
+        with tempfile.TemporaryDirectory(prefix="delta-nginx-") as work:
+            port = _free_port()
+            conf = Path(work) / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(work=work, log_file=log_file, port=port, root=root))
+            proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", work], stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        break
+                    except OSError:
+                        if proc.poll() is not None or time.monotonic() > deadline:
+                            raise BenchError(f"nginx did not start (see {work}/error.log)") from None
+                        time.sleep(0.05)
+                yield f"http://127.0.0.1:{port}"
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        return
     proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, str(root), str(log_file)], stdout=subprocess.PIPE,
                             text=True)
     try:
         assert proc.stdout is not None
-        port = proc.stdout.readline().strip()
-        if not port.isdigit():
+        port_line = proc.stdout.readline().strip()
+        if not port_line.isdigit():
             raise BenchError("the HTTP server did not start")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port_line}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -343,7 +399,7 @@ def _bench(args: argparse.Namespace) -> int:
         ("verify", "read-back verify alone (reference)"),
     )}
     try:
-        with two_slot_disk(v2.image_bytes) as disk, static_server(pub, log_file) as base:
+        with two_slot_disk(v2.image_bytes) as disk, static_server(pub, log_file, args.server) as base:
             log(f"slots {disk.booted} (booted, holds v1) and {disk.target} (target); v2 {v2.image_bytes >> 20} MiB, "
                 f"{v2.gz_bytes / MB:.0f} MB gzipped; server {base}")
             put_image(v1.raw, disk.booted)
@@ -458,7 +514,7 @@ def _bench(args: argparse.Namespace) -> int:
         "setup": {
             "repeat": args.repeat,
             "target_prep": "v1 written (dd, direct) or blkdiscard, then drop_caches, before every run",
-            "server": "python http.server, HTTP/1.1 keep-alive, own process, 127.0.0.1",
+            "server": f"{args.server}, HTTP/1.1 keep-alive, own process, 127.0.0.1",
             "written": "sectors the kernel wrote to the target partition (/sys/class/block/*/stat) during the run",
             "content_checked": args.check,
             "kernel": platform.release(),
@@ -483,6 +539,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", default=DEFAULT_CHUNK_SIZE, metavar="MIN:AVG:MAX",
                         help=f"casync chunk sizes the releases are published with (default {DEFAULT_CHUNK_SIZE}, "
                         "ab-flasher make-delta's)")
+    parser.add_argument("--server", choices=("nginx", "python"), default="nginx" if shutil.which("nginx") else "python",
+                        help="the local static HTTP server: nginx (the default when installed: apt install "
+                        "nginx-light) or Python's http.server, whose CPU competes with the install on a small machine")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip hashing the partition after each run")
     default_python = REPO / ".venv" / "bin" / "python"
