@@ -34,6 +34,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+# The sibling module: `python bench/ctl_bench.py` has bench/ on its path.
+from common_cli import add_image_size, add_python, parse, run_as_root
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -203,28 +206,20 @@ def _measure_service(args: argparse.Namespace, bus: DBusDaemon, service: Service
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--size-mb", type=int, default=1024, help="image size in MiB (default 1024)")
-    parser.add_argument("--quick", action="store_true", help="a 256 MiB image, for a fast try")
+    add_image_size(parser)
     parser.add_argument("--runs", type=int, default=20, help="abflasherctl status runs (default 20)")
-    default_python = REPO / ".venv" / "bin" / "python"
-    parser.add_argument("--python", default=str(default_python if default_python.exists() else sys.executable),
-                        help="interpreter for the service and the client (default: the repo's .venv)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.size_mb = 256
-    return args
+    add_python(parser, "for the service and the client")
+    return parse(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        log("ctl_bench needs root (loop devices, mounts, drop_caches)")
-        return 2
-    try:
-        result = measure(args)
-    except BenchError as exc:
-        log(f"ctl_bench: {exc}")
-        return 1
+    return run_as_root(parse_args(argv), report, name="ctl_bench",
+                       not_root="ctl_bench needs root (loop devices, mounts, drop_caches)")
+
+
+def report(args: argparse.Namespace) -> int:
+    """Measure, then print the verdicts and the JSON line."""
+    result = measure(args)
     targets = result["targets"]
     print(f"abflasherctl status: median {result['status_median_s'] * 1000:.0f} ms, p90 "
           f"{result['status_p90_s'] * 1000:.0f} ms over {result['status_runs']} runs "

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 # The sibling benchmark: `python bench/delta_bench.py` has bench/ on its path.
+from common_cli import add_image_size, add_python, parse, run_as_root
 from install_bench import (
     CACHE,
     FS_BLOCK,
@@ -533,8 +534,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=int, default=1024, help="image size in MiB (default 1024)")
-    parser.add_argument("--quick", action="store_true", help="a 256 MiB image, for a fast try")
+    add_image_size(parser)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row, interleaved (default 3)")
     parser.add_argument("--chunk-size", default=DEFAULT_CHUNK_SIZE, metavar="MIN:AVG:MAX",
                         help=f"casync chunk sizes the releases are published with (default {DEFAULT_CHUNK_SIZE}, "
@@ -544,29 +544,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "nginx-light) or Python's http.server, whose CPU competes with the install on a small machine")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip hashing the partition after each run")
-    default_python = REPO / ".venv" / "bin" / "python"
-    parser.add_argument("--python", default=str(default_python if default_python.exists() else sys.executable),
-                        help="interpreter that runs ab-flasher (default: the repo's .venv)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.size_mb = 256
-    if args.size_mb < 64:
-        parser.error("--size-mb must be at least 64")
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
-    return args
+    add_python(parser, "that runs ab-flasher")
+    return parse(parser, argv, check=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("delta_bench: needs root (loop devices, dropping caches): run it with sudo", file=sys.stderr)
-        return 2
-    try:
-        return _bench(args)
-    except BenchError as exc:
-        print(f"delta_bench: {exc}", file=sys.stderr)
-        return 1
+    return run_as_root(parse_args(argv), _bench, name="delta_bench",
+                       not_root="delta_bench: needs root (loop devices, dropping caches): run it with sudo")
 
 
 if __name__ == "__main__":

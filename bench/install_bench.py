@@ -32,6 +32,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 import installed_deb
+from common_cli import BenchError, add_image_size, add_python, parse, run_as_root
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache"
@@ -61,10 +62,6 @@ RSS_FLAT_MB = 4.0
 RUN_TIMEOUT = 1800.0
 TIME = "/usr/bin/time"
 HASH_CHUNK = 4 * MIB
-
-
-class BenchError(Exception):
-    """A step of the benchmark failed (not a missed target): the run is not a valid measurement."""
 
 
 def log(message: str) -> None:
@@ -538,8 +535,7 @@ def ensure_tools() -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-mb", type=int, default=1024, help="image size in MiB (default 1024)")
-    parser.add_argument("--quick", action="store_true", help="a 256 MiB image, for a fast try")
+    add_image_size(parser)
     parser.add_argument("--repeat", type=int, default=3,
                         help="timed runs per tool, interleaved; the median wall time is reported (default 3)")
     parser.add_argument("--extra-inflaters", action="store_true",
@@ -548,31 +544,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also run ab-flasher on a 2x image and check that its peak RSS stays flat")
     parser.add_argument("--no-check", action="store_true",
                         help="skip hashing the partition after each run (ab-flasher still verifies itself)")
-    default_python = REPO / ".venv" / "bin" / "python"
     parser.add_argument("--deb", type=Path, default=None,
                         help="the release package to unpack for the .deb row (default: build it with make deb)")
-    parser.add_argument("--python", default=str(default_python if default_python.exists() else sys.executable),
-                        help="interpreter that runs ab-flasher (default: the repo's .venv)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.size_mb = 256
-    if args.size_mb < 64:
-        parser.error("--size-mb must be at least 64")
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
-    return args
+    add_python(parser, "that runs ab-flasher")
+    return parse(parser, argv, check=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("install_bench: needs root (loop devices, dropping caches): run it with sudo", file=sys.stderr)
-        return 2
-    try:
-        return _bench(args)
-    except BenchError as exc:
-        print(f"install_bench: {exc}", file=sys.stderr)
-        return 1
+    return run_as_root(parse_args(argv), _bench, name="install_bench",
+                       not_root="install_bench: needs root (loop devices, dropping caches): run it with sudo")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -37,6 +37,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+# The sibling module: `python bench/upload_bench.py` has bench/ on its path.
+from common_cli import add_image_size, add_python, parse, run_as_root
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -185,31 +188,23 @@ def _rounds(args: argparse.Namespace, bus: DBusDaemon, service: ServiceProcess, 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--size-mb", type=int, default=1024, help="image size in MiB (default 1024)")
-    parser.add_argument("--quick", action="store_true", help="a 256 MiB image, for a fast try")
+    add_image_size(parser)
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (default 3; medians compared)")
-    default_python = REPO / ".venv" / "bin" / "python"
-    parser.add_argument("--python", default=str(default_python if default_python.exists() else sys.executable),
-                        help="interpreter for the service, the page and the client (default: the repo's .venv)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.size_mb = 256
-    return args
+    add_python(parser, "for the service, the page and the client")
+    return parse(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        log("upload_bench needs root (loop devices, mounts, drop_caches)")
-        return 2
+    return run_as_root(parse_args(argv), report, name="upload_bench",
+                       not_root="upload_bench needs root (loop devices, mounts, drop_caches)")
+
+
+def report(args: argparse.Namespace) -> int:
+    """Measure, then print the verdicts and the JSON line."""
     if shutil.which("curl") is None:
         log("upload_bench needs curl (Debian curl)")
         return 2
-    try:
-        result = measure(args)
-    except BenchError as exc:
-        log(f"upload_bench: {exc}")
-        return 1
+    result = measure(args)
     targets = result["targets"]
 
     def verdict(name: str) -> str:

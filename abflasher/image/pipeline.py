@@ -1,10 +1,10 @@
 """read → decompress → sha256 → write, overlapped in threads.
 
 zlib/lzma/bz2 inflate, hashlib and os.pwrite all release the GIL, so one thread per stage keeps the source, the CPU
-and the device busy at the same time. Buffers come from a fixed pool of page-aligned mmaps (O_DIRECT needs the
-alignment, and the pool is what keeps memory flat whatever the image size). The stages are `_ReadStage`,
-`_DecodeStage`, `_HashStage` and `WriteStage`, which holds the decisions (zero runs, batching, the `SyncPolicy`,
-what the verifier may read); where the bytes go, and what reads them back, is in `image/destinations.py`.
+and the device busy at the same time. The stages upstream of the device (`ReadStage`, `DecodeStage`, `HashStage`),
+the queues and the buffer pool that connect them are in `image/stages.py`; here is `WriteStage`, which holds the
+decisions (zero runs, batching, the `SyncPolicy`, what the verifier may read), and `stream_image`, which runs them
+all; where the bytes go, and what reads them back, is in `image/destinations.py`.
 
 Safety properties, all tested:
 - nothing is written before the image's format is recognised, so a file that is not an image leaves the target
@@ -17,7 +17,6 @@ Safety properties, all tested:
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import queue
 import threading
@@ -27,23 +26,29 @@ from dataclasses import dataclass
 from typing import cast
 
 from abflasher import errors
-from abflasher.image.child_decoder import ChildDecoder
 from abflasher.image.destinations import Destination, Verifier
 from abflasher.image.formats import (
     DETECT_BYTES,
-    Decoder,
     GzipMemberCheck,
     ImageFormat,
     detect_format,
     gzip_implementation,
     gzip_inflater_name,
-    open_decoder,
 )
 from abflasher.image.sources import ImageSource
+from abflasher.image.stages import (
+    BUFFER_SIZE,
+    END,
+    POLL,
+    ZEROS,
+    DecodeStage,
+    Filled,
+    HashStage,
+    Pipeline,
+    Queues,
+    ReadStage,
+)
 
-BUFFER_SIZE = 1 << 20
-BUFFER_COUNT = 8
-READ_CHUNK = 256 << 10
 #: The default `SyncPolicy` (read when a stream starts): see its fields.
 SYNC_INTERVAL = 64 << 20
 DIRECT_SYNC_SECONDS = 5.0
@@ -51,8 +56,6 @@ DIRECT_SYNC_SECONDS = 5.0
 WRITE_BATCH = 8
 #: Seconds between progress reports while writing.
 PROGRESS_INTERVAL = 0.05
-_POLL = 0.1
-_ZEROS = bytes(BUFFER_SIZE)
 
 
 @dataclass(frozen=True)
@@ -92,75 +95,6 @@ class StreamResult:
     """Which hash the expected checksum matched: ``image`` (decompressed) or ``source`` (the compressed file)."""
 
 
-class _Abort(Exception):
-    """Raised inside a stage when another stage already failed."""
-
-
-class _Pipeline:
-    """What the stages share: the cancel event, the first failure, and queue operations that give up on either."""
-
-    def __init__(self, cancel: threading.Event | None) -> None:
-        self.cancel = cancel or threading.Event()
-        self.failed = threading.Event()
-        self.error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def fail(self, exc: BaseException) -> None:
-        with self._lock:
-            if self.error is None:
-                self.error = exc
-        self.failed.set()
-
-    def check(self) -> None:
-        if self.failed.is_set():
-            raise _Abort
-        if self.cancel.is_set():
-            raise errors.Cancelled("the install was cancelled")
-
-    def put(self, q: queue.Queue[object], item: object) -> None:
-        while True:
-            self.check()
-            try:
-                q.put(item, timeout=_POLL)
-                return
-            except queue.Full:
-                continue
-
-    def get(self, q: queue.Queue[object]) -> object:
-        while True:
-            self.check()
-            try:
-                return q.get(timeout=_POLL)
-            except queue.Empty:
-                continue
-
-    def run(self, name: str, func: Callable[[], None]) -> threading.Thread:
-        def body() -> None:
-            try:
-                func()
-            except _Abort:
-                pass
-            except BaseException as exc:
-                self.fail(exc)
-
-        thread = threading.Thread(target=body, name=f"abflasher-{name}", daemon=True)
-        thread.start()
-        return thread
-
-
-def _is_zero(buf: mmap.mmap) -> bool:
-    """Whether a full buffer holds only zeros. One byte per 4 KiB block is looked at first: data almost always
-    shows there, so the full comparison (a 1 MiB copy) is only paid for buffers that are likely zero."""
-    if buf[::4096].strip(b"\0") or buf[BUFFER_SIZE - 1]:
-        return False
-    return buf[:] == _ZEROS
-
-
-_END = object()
-#: A decoded buffer on its way to the device: the buffer, how much of it is filled, whether that is all zeros.
-_Filled = tuple[mmap.mmap, int, bool]
-
-
 def read_head(source: ImageSource) -> bytes:
     """The first DETECT_BYTES of the source (fewer only if the source is that short)."""
     head = b""
@@ -170,138 +104,6 @@ def read_head(source: ImageSource) -> bytes:
             break
         head += chunk
     return head
-
-
-@dataclass(frozen=True)
-class _Queues:
-    """What connects the stages: compressed chunks, decoded buffers to hash, hashed buffers to write, and the pool of
-    free buffers, a fixed number of page-aligned mmaps (O_DIRECT needs the alignment; the fixed pool keeps memory
-    flat)."""
-
-    compressed: queue.Queue[object]
-    to_hash: queue.Queue[object]
-    to_write: queue.Queue[object]
-    free: queue.Queue[object]
-
-    @classmethod
-    def make(cls) -> _Queues:
-        free: queue.Queue[object] = queue.Queue()
-        for _ in range(BUFFER_COUNT):
-            free.put(mmap.mmap(-1, BUFFER_SIZE))
-        return cls(queue.Queue(maxsize=8), queue.Queue(maxsize=BUFFER_COUNT), queue.Queue(maxsize=BUFFER_COUNT), free)
-
-
-class _ReadStage:
-    """Source → chunks of compressed bytes, counted, and hashed when a checksum may be of the compressed file."""
-
-    def __init__(self, pipe: _Pipeline, queues: _Queues, source: ImageSource, head: bytes, *, hashed: bool) -> None:
-        self._pipe = pipe
-        self._source = source
-        self._out = queues.compressed
-        self.hash = hashlib.sha256(head) if hashed else None
-        #: Bytes read from the source so far (the head included): what the writing progress counts.
-        self.bytes = len(head)
-
-    def run(self) -> None:
-        while True:
-            self._pipe.check()
-            chunk = self._source.read(READ_CHUNK)
-            if not chunk:
-                self._pipe.put(self._out, _END)
-                return
-            if self.hash is not None:
-                self.hash.update(chunk)
-            self.bytes += len(chunk)
-            self._pipe.put(self._out, chunk)
-
-
-class _DecodeStage:
-    """Compressed chunks → full buffers of the decoded image, from the pool; the last one may be partly filled."""
-
-    def __init__(
-        self, pipe: _Pipeline, queues: _Queues, fmt: ImageFormat, head: bytes, *, gzip_impl: str,
-        gzip_check: GzipMemberCheck | None, source_size: int | None,
-    ) -> None:
-        self._pipe = pipe
-        self._queues = queues
-        self._format = fmt
-        self._head = head
-        self._gzip_impl = gzip_impl
-        self._gzip_check = gzip_check
-        self._source_size = source_size
-
-    def _next_chunk(self) -> bytes:
-        item = self._pipe.get(self._queues.compressed)
-        return b"" if item is _END else cast(bytes, item)
-
-    def run(self) -> None:
-        decoder = open_decoder(
-            self._format, self._next_chunk, self._head, gzip_impl=self._gzip_impl, gzip_check=self._gzip_check,
-            source_size=self._source_size, check=self._pipe.check,
-        )
-        try:
-            self._decode(decoder)
-        except BaseException as exc:
-            # First, so that a decoder program's feeder thread waiting for input gives up before close() waits for it.
-            self._pipe.fail(exc)
-            raise
-        finally:
-            if isinstance(decoder, ChildDecoder):
-                decoder.close()
-
-    def _fill(self, decoder: Decoder, buf: mmap.mmap) -> int:
-        """Decode into ``buf`` until it is full or the image ended; returns how many bytes it holds."""
-        filled = 0
-        if isinstance(decoder, ChildDecoder):
-            # Straight from the program's stdout into the buffer: no copy in Python.
-            with memoryview(buf) as view:
-                while filled < BUFFER_SIZE and (n := decoder.readinto(view[filled:])):
-                    filled += n
-            return filled
-        while filled < BUFFER_SIZE:
-            data = decoder.read(BUFFER_SIZE - filled)
-            if not data:
-                break
-            buf[filled : filled + len(data)] = data
-            filled += len(data)
-        return filled
-
-    def _decode(self, decoder: Decoder) -> None:
-        while True:
-            buf = cast(mmap.mmap, self._pipe.get(self._queues.free))
-            filled = self._fill(decoder, buf)
-            if filled:
-                self._pipe.put(self._queues.to_hash, (buf, filled, False))
-            if filled < BUFFER_SIZE:
-                self._pipe.put(self._queues.to_hash, _END)
-                return
-
-
-class _HashStage:
-    """Decoded buffers → the image's sha256 (and each gzip member's CRC-32, off the inflating thread); marks the
-    buffers that hold only zeros (free space of a file system), which the write stage zeroes instead of writing."""
-
-    def __init__(self, pipe: _Pipeline, queues: _Queues, gzip_check: GzipMemberCheck | None) -> None:
-        self._pipe = pipe
-        self._gzip_check = gzip_check
-        self._in = queues.to_hash
-        self._out = queues.to_write
-        self.hash = hashlib.sha256()
-
-    def run(self) -> None:
-        while True:
-            item = self._pipe.get(self._in)
-            if item is _END:
-                if self._gzip_check is not None:
-                    self._gzip_check.finish()
-                self._pipe.put(self._out, _END)
-                return
-            buf, n, _ = cast(_Filled, item)
-            with memoryview(buf) as view:
-                self.hash.update(view[:n])
-                if self._gzip_check is not None:
-                    self._gzip_check.update(view[:n])
-            self._pipe.put(self._out, (buf, n, n == BUFFER_SIZE and _is_zero(buf)))
 
 
 @dataclass(frozen=True)
@@ -332,13 +134,13 @@ class WriteStage:
 
     def __init__(
         self,
-        pipe: _Pipeline,
-        queues: _Queues,
+        pipe: Pipeline,
+        queues: Queues,
         dest: Destination,
         *,
         sync: SyncPolicy,
         verifier: Verifier | None,
-        reader: _ReadStage,
+        reader: ReadStage,
         total: int | None,
         progress: ProgressCallback | None,
     ) -> None:
@@ -372,10 +174,10 @@ class WriteStage:
         while True:
             item = self._pending if self._pending is not None else self._pipe.get(self._in)
             self._pending = None
-            if item is _END:
+            if item is END:
                 self._finish()
                 return
-            buf, n, all_zeros = cast(_Filled, item)
+            buf, n, all_zeros = cast(Filled, item)
             self._check_capacity(self.offset + n)
             if self.offset == 0:
                 self._hold_first_block(buf, n)
@@ -417,7 +219,7 @@ class WriteStage:
         if self._verifier is not None:
             self._verifier.first_block(memoryview(buf)[:n])
         if not self._dest.zero(0, n):
-            with memoryview(_ZEROS) as zeros:
+            with memoryview(ZEROS) as zeros:
                 self._dest.write_at(0, zeros[:n])
 
     def _apply_zero_run(self, end: int) -> None:
@@ -428,7 +230,7 @@ class WriteStage:
         if self._dest.zero(start, end - start):
             self.zeroed += end - start
         else:
-            with memoryview(_ZEROS) as zeros:
+            with memoryview(ZEROS) as zeros:
                 for pos in range(start, end, BUFFER_SIZE):
                     self._dest.write_at(pos, zeros[: min(BUFFER_SIZE, end - pos)])
         self._zero_run_start = -1
@@ -444,10 +246,10 @@ class WriteStage:
                 following = self._in.get_nowait()
             except queue.Empty:
                 break
-            if following is _END:
+            if following is END:
                 self._pending = following
                 break
-            next_buf, next_n, next_zeros = cast(_Filled, following)
+            next_buf, next_n, next_zeros = cast(Filled, following)
             if next_zeros or next_n != BUFFER_SIZE or (capacity is not None and end + next_n > capacity):
                 self._pending = following
                 break
@@ -535,17 +337,17 @@ def stream_image(
             inflater, implementation = gzip_implementation(inflater)
             gzip_check = GzipMemberCheck(implementation.crc32)
 
-    pipe = _Pipeline(cancel)
+    pipe = Pipeline(cancel)
     pipe.check()
-    queues = _Queues.make()
+    queues = Queues.make()
     # Published checksums are often of the compressed file; hash it only when there is one to compare with.
-    reader = _ReadStage(pipe, queues, source, head, hashed=expected_sha256 is not None and fmt is not ImageFormat.RAW)
+    reader = ReadStage(pipe, queues, source, head, hashed=expected_sha256 is not None and fmt is not ImageFormat.RAW)
     # A pipe's size is what its sender declared: igzip's framing uses it only to tell truncation from damage.
-    decoder = _DecodeStage(
+    decoder = DecodeStage(
         pipe, queues, fmt, head, gzip_impl=inflater or gzip_impl, gzip_check=gzip_check,
         source_size=source.size if source.size is not None else source_size,
     )
-    hasher = _HashStage(pipe, queues, gzip_check)
+    hasher = HashStage(pipe, queues, gzip_check)
     writer = WriteStage(
         pipe,
         queues,
@@ -565,7 +367,7 @@ def stream_image(
     try:
         for thread in threads:
             while thread.is_alive():
-                thread.join(timeout=_POLL)
+                thread.join(timeout=POLL)
                 if pipe.cancel.is_set() and not pipe.failed.is_set():
                     pipe.fail(errors.Cancelled("the install was cancelled"))
     except BaseException as exc:  # KeyboardInterrupt in the caller's thread

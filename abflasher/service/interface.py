@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,7 +26,6 @@ from abflasher.api import (
     CheckResult,
     PreparedUpdate,
     ProgressCallback,
-    SlotStatus,
     SystemStatus,
     UpdateOutcome,
     UpdateRequest,
@@ -40,7 +37,6 @@ from abflasher.service.contract import (
     ACTION_MANAGE_BOOT,
     ACTION_UPDATE,
     ACTION_UPDATE_FROM_SOURCE,
-    INTERFACE_NAME,
     OBJECT_PATH,
     REBOOT_MODES,
     RUNNING_STATES,
@@ -50,8 +46,6 @@ from abflasher.service.contract import (
 )
 from abflasher.service.dbus_adapter import (
     INTERNAL_ERROR_MESSAGE,
-    GuardedInterface,
-    dbus_cached_property,
     dbus_method,
     dbus_signal,
     method_guards,
@@ -59,6 +53,8 @@ from abflasher.service.dbus_adapter import (
     release_unused_fds,
 )
 from abflasher.service.progress import PROGRESS_INTERVAL, ProgressThrottle, progress_tuple
+from abflasher.service.properties import UpdaterProperties
+from abflasher.service.values import adopt_image_fd, image_fd_size, parse_options, slot_to_dbus
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +63,6 @@ CANCEL_TIMEOUT = 30.0
 #: An update channel's answer (or failure) is reused for this long: Check() needs no authorization, and a flood of
 #: calls must not become a flood of threads and requests in a root process.
 CHECK_INTERVAL = 10.0
-
-_INTEGER_SIGNATURES = frozenset("yqutnix")
 
 _T = TypeVar("_T")
 
@@ -94,111 +88,6 @@ class UpdaterEngine(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Values in and out
-
-
-def parse_options(options: Mapping[str, Variant], allowed: Mapping[str, str]) -> dict[str, Any]:
-    """The plain values of an ``a{sv}`` options dict; unknown keys and wrong types are InvalidArgument."""
-    values: dict[str, Any] = {}
-    for key, variant in options.items():
-        expected = allowed.get(key)
-        if expected is None:
-            raise errors.InvalidArgument(f"unknown option {key!r}; known options: {', '.join(sorted(allowed))}")
-        if expected == "t" and variant.signature in _INTEGER_SIGNATURES:
-            if variant.value < 0:
-                raise errors.InvalidArgument(f"option {key!r} must not be negative")
-        elif variant.signature != expected:
-            raise errors.InvalidArgument(
-                f"option {key!r} must have D-Bus type {expected!r}, not {variant.signature!r}"
-            )
-        values[key] = variant.value
-    return values
-
-
-def to_variant(value: Any) -> Variant | None:
-    """A Variant for a plain value from the engine (None: leave the key out)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return Variant("b", value)
-    if isinstance(value, int):
-        return Variant("x", value)
-    if isinstance(value, float):
-        return Variant("d", value)
-    if isinstance(value, str):
-        return Variant("s", value)
-    if isinstance(value, Mapping):
-        return Variant("a{sv}", to_vardict(value))
-    if isinstance(value, list | tuple):
-        return Variant("av", [v for v in (to_variant(item) for item in value) if v is not None])
-    return Variant("s", str(value))
-
-
-def to_vardict(values: Mapping[str, Any]) -> dict[str, Variant]:
-    result: dict[str, Variant] = {}
-    for key, value in values.items():
-        variant = to_variant(value)
-        if variant is not None:
-            result[str(key)] = variant
-    return result
-
-
-def slot_to_dbus(slot: SlotStatus) -> dict[str, Variant]:
-    return {
-        "name": Variant("s", slot.name),
-        "role": Variant("s", slot.role),
-        "device": Variant("s", slot.device),
-        "partuuid": Variant("s", slot.partuuid),
-        "size": Variant("t", max(0, slot.size)),
-        "version": Variant("s", slot.version),
-        "booted": Variant("b", slot.booted),
-        "primary": Variant("b", slot.primary),
-        "state": Variant("s", slot.state),
-        "installed": Variant("a{sv}", to_vardict(slot.installed)),
-    }
-
-
-def adopt_image_fd(received: int) -> int:
-    """Take ownership of an fd that arrived with a message: a non-inheritable duplicate, the original closed (so it
-    cannot leak into the processes the engine starts). Raises InvalidArgument for anything but a readable regular
-    file, pipe or socket."""
-    try:
-        fd = os.dup(received)
-    except OSError as exc:
-        raise errors.InvalidArgument(f"the image fd is not usable: {exc.strerror}") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(received)
-    try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-            if stat.S_ISDIR(mode):
-                kind = "a directory"
-            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-                kind = "a device"
-            else:
-                kind = "this kind of file"
-            raise errors.InvalidArgument(f"the image fd must be a regular file or a pipe, not {kind}")
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if flags & os.O_ACCMODE == os.O_WRONLY:
-            raise errors.InvalidArgument("the image fd is open for writing only; open the image for reading")
-        if flags & os.O_NONBLOCK:
-            # The engine reads with plain blocking reads; a pipe handed over in non-blocking mode would fail them.
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _image_fd_size(fd: int) -> int | None:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return max(0, st.st_size - os.lseek(fd, 0, os.SEEK_CUR))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The interface
 
 
@@ -211,8 +100,9 @@ class _Job:
     throttle: ProgressThrottle
 
 
-class UpdaterInterface(GuardedInterface):
-    """org.abflasher.Updater1. Create it on the event loop's thread; ``attach`` it to a bus."""
+class UpdaterInterface(UpdaterProperties):
+    """org.abflasher.Updater1: its methods and signals, the jobs and boot operations behind them (its properties are
+    :class:`UpdaterProperties`). Create it on the event loop's thread; ``attach`` it to a bus."""
 
     def __init__(
         self,
@@ -223,7 +113,7 @@ class UpdaterInterface(GuardedInterface):
         cancel_timeout: float = CANCEL_TIMEOUT,
         check_interval: float = CHECK_INTERVAL,
     ) -> None:
-        super().__init__(INTERFACE_NAME)
+        super().__init__()
         self._updater = updater
         self._authorizer = authorizer
         self._progress_interval = progress_interval
@@ -237,17 +127,6 @@ class UpdaterInterface(GuardedInterface):
         self._check_call: asyncio.Future[CheckResult] | None = None
         self._check_ended = float("-inf")
         self._background: set[asyncio.Task[Any]] = set()
-        self._properties: dict[str, Any] = {
-            "State": "idle",
-            "Progress": ["", 0, 0, 0],
-            "LastError": "",
-            "BootedSlot": "",
-            "PrimarySlot": "",
-            "BootedVersion": "",
-            "TrialActive": False,
-            "AutoUpdate": "",
-            "Transferred": [0, 0],
-        }
 
     # --- plumbing -------------------------------------------------------------------------------------------------
 
@@ -256,7 +135,7 @@ class UpdaterInterface(GuardedInterface):
         that record each caller and release stray fds."""
         bus.add_message_handler(record_caller)
         bus.add_message_handler(release_unused_fds)
-        property_names = frozenset(self._properties)
+        property_names = self.property_names
         bus.add_message_handler(lambda message: refuse_property_errors(message, property_names))
         bus.export(OBJECT_PATH, self)
 
@@ -265,10 +144,6 @@ class UpdaterInterface(GuardedInterface):
         if self._occupied_by or self._calls_in_progress:
             return 0.0
         return time.monotonic() - self._last_activity
-
-    @property
-    def state(self) -> str:
-        return str(self._properties["State"])
 
     async def refresh_status(self) -> None:
         """Re-read the slots into the properties (at start, and after anything that changes them)."""
@@ -297,13 +172,6 @@ class UpdaterInterface(GuardedInterface):
             await asyncio.wait_for(asyncio.shield(job.done), timeout)
         except TimeoutError:
             log.error("job %s did not stop within %.0f s; exiting anyway", job.id, timeout)
-
-    def _set_properties(self, **changes: Any) -> None:
-        changed = {name: value for name, value in changes.items() if self._properties.get(name) != value}
-        if not changed:
-            return
-        self._properties.update(changed)
-        self.emit_properties_changed(changed, [])
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -504,7 +372,7 @@ class UpdaterInterface(GuardedInterface):
                 values,
                 version=str(values.get("version", "")).strip(),
                 fd=fd,
-                size=int(size) if size else _image_fd_size(fd),
+                size=int(size) if size else image_fd_size(fd),
             )
         except BaseException:
             # The engine's run() owns the fd once started; _submit raising means it never was.
@@ -576,18 +444,6 @@ class UpdaterInterface(GuardedInterface):
     @dbus_signal("Completed", "sbss")
     def _completed_signal(self, job: str, success: bool, error: str, message: str) -> list[Any]:
         return [job, success, error, message]
-
-    # --- properties -----------------------------------------------------------------------------------------------
-
-    _state_property = dbus_cached_property("State", "s", str)
-    _progress_property = dbus_cached_property("Progress", "(sutt)", list)
-    _last_error_property = dbus_cached_property("LastError", "s", str)
-    _booted_slot_property = dbus_cached_property("BootedSlot", "s", str)
-    _primary_slot_property = dbus_cached_property("PrimarySlot", "s", str)
-    _booted_version_property = dbus_cached_property("BootedVersion", "s", str)
-    _trial_active_property = dbus_cached_property("TrialActive", "b", bool)
-    _auto_update_property = dbus_cached_property("AutoUpdate", "s", str)
-    _transferred_property = dbus_cached_property("Transferred", "(tt)", list)
 
 
 #: Every method of org.abflasher.Updater1 and the polkit action it needs (Update with a ``url`` option needs

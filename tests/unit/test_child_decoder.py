@@ -22,7 +22,8 @@ from abflasher.image import child_decoder
 from abflasher.image.child_decoder import IGZIP_READ_SIZE, igzip_path
 from abflasher.image.destinations import FileObjectWriter
 from abflasher.image.formats import gzip_inflater_name
-from abflasher.image.pipeline import BUFFER_SIZE, Progress, StreamResult, stream_image
+from abflasher.image.pipeline import Progress, StreamResult, stream_image
+from abflasher.image.stages import BUFFER_SIZE
 from tests.support.images import MIB, BytesSource, compress, payload
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,8 +17,9 @@ from abflasher import errors
 from abflasher.disk.blockdev import ReadbackVerifier, open_target
 from abflasher.image.destinations import FileObjectWriter, TargetWriter
 from abflasher.image.formats import ImageFormat, available_gzip_implementations
-from abflasher.image.pipeline import BUFFER_SIZE, Progress, stream_image
+from abflasher.image.pipeline import Progress, stream_image
 from abflasher.image.sources import FdSource, FileSource
+from abflasher.image.stages import BUFFER_SIZE
 from abflasher.install import install_image
 from tests.support.images import MIB, BytesSource, compress, payload
 
