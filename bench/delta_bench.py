@@ -4,9 +4,11 @@ against `casync extract --seed` of the same pair.
 
 v1 is install_bench.py's realistic root image (cached in bench/.cache/); v2 is the same file tree with about 10 % of
 its files changed (given the content of other files of this machine's /usr), some added and some removed, rebuilt
-with `mkfs.ext4 -d` (so blocks move). Both are published with `ab-flasher make-delta` into one directory served by a
-plain static HTTP/1.1 server (keep-alive, no Range needed) in its own process. On one loop device (direct I/O to its
-backing file) with two partitions, the timed runs are, round-robin:
+with `mkfs.ext4 -d` (so blocks move). With `--release updated`, v2 has the same changes made to v1's file system
+mounted in place instead, so files that did not change stay where they were: what a delta install costs when the
+release keeps its layout. Both are published with `ab-flasher make-delta` into one directory served by a plain
+static HTTP/1.1 server (nginx when installed, keep-alive, no Range needed) in its own process. On one loop device
+(direct I/O to its backing file) with two partitions, the timed runs are, round-robin:
 
 | row | what runs | PART before |
 | --- | --- | --- |
@@ -190,6 +192,39 @@ def build_v2(v1: BenchImage) -> tuple[Release, dict[str, Any]]:
     tmp.rename(raw)
     _gzip(raw, gz)
     release = Release("v2", raw, gz, raw.stat().st_size, sha256_of(raw), gz.stat().st_size)
+    manifest.write_text(json.dumps({"image_bytes": release.image_bytes, "image_sha256": release.image_sha256,
+                                    "gz_bytes": release.gz_bytes, "changes": changes}, indent=2) + "\n")
+    return release, changes
+
+
+def build_v2_updated(v1: BenchImage) -> tuple[Release, dict[str, Any]]:
+    """v2 made the other way a release can be made (cached): v1's file system mounted and changed in place, the same
+    changes as build_v2's, so the kernel's allocator leaves every file that did not change where it was."""
+    stem = CACHE / f"rootfs-{RECIPE}-{DELTA_RECIPE}-v2u-{v1.size_mb}M"
+    manifest = stem.with_suffix(".json")
+    raw, gz = Path(f"{stem}.img"), Path(f"{stem}.img.gz")
+    if manifest.exists() and raw.exists() and gz.exists():
+        data = json.loads(manifest.read_text())
+        return Release("v2u", raw, gz, data["image_bytes"], data["image_sha256"], data["gz_bytes"]), data["changes"]
+    log(f"building v2 of the {v1.size_mb} MiB image by updating v1's file system in place...")
+    tmp = raw.with_suffix(".img.tmp")
+    run("cp", "--sparse=always", v1.raw, tmp)
+    device = run("losetup", "--find", "--show", tmp).stdout.strip()
+    try:
+        with tempfile.TemporaryDirectory(dir=CACHE, prefix="mnt-v2u-") as mount_dir:
+            tree = Path(mount_dir)
+            run("mount", "-t", "ext4", device, tree)
+            try:
+                sampled = {f"/{p.relative_to(tree)}" for p in _tree_files(tree)}
+                spare = [(p, s) for p, s in _usr_files() if str(p) not in sampled and s <= 8 * MIB]
+                changes = _mutate(tree, random.Random(f"ab-flasher-delta-{DELTA_RECIPE}"), spare)
+            finally:
+                run("umount", tree)
+    finally:
+        run("losetup", "-d", device)
+    tmp.rename(raw)
+    _gzip(raw, gz)
+    release = Release("v2u", raw, gz, raw.stat().st_size, sha256_of(raw), gz.stat().st_size)
     manifest.write_text(json.dumps({"image_bytes": release.image_bytes, "image_sha256": release.image_sha256,
                                     "gz_bytes": release.gz_bytes, "changes": changes}, indent=2) + "\n")
     return release, changes
@@ -387,9 +422,9 @@ def _bench(args: argparse.Namespace) -> int:
     env.setdefault("LC_ALL", "C")
     v1_image = build_image(args.size_mb)
     v1 = Release("v1", v1_image.raw, v1_image.gz, v1_image.image_bytes, v1_image.image_sha256, v1_image.gz_bytes)
-    v2, changes = build_v2(v1_image)
+    v2, changes = build_v2_updated(v1_image) if args.release == "updated" else build_v2(v1_image)
     pub = publish([v1, v2], args.chunk_size, env, args.python)
-    v2_index = pub / "v2.caibx"
+    v2_index = pub / f"{v2.name}.caibx"
     log_file = CACHE / f"delta-served-{os.getpid()}.log"
     log_file.unlink(missing_ok=True)
     rows = {key: Row(key, label) for key, label in (
@@ -404,17 +439,18 @@ def _bench(args: argparse.Namespace) -> int:
             log(f"slots {disk.booted} (booted, holds v1) and {disk.target} (target); v2 {v2.image_bytes >> 20} MiB, "
                 f"{v2.gz_bytes / MB:.0f} MB gzipped; server {base}")
             put_image(v1.raw, disk.booted)
+            v2_url = f"{base}/{v2.name}.caibx"
             commands = {
                 "full": [args.python, "-m", "abflasher.cli", "write", str(v2.gz), disk.target, "--json", "-q",
                          "--sha256", v2.image_sha256],
-                "delta_target": [args.python, "-m", "abflasher.cli", "write-delta", f"{base}/v2.caibx", disk.target,
+                "delta_target": [args.python, "-m", "abflasher.cli", "write-delta", v2_url, disk.target,
                                  "--target-index", str(pub / "v1.caibx"), "--sha256", v2.image_sha256, "--json",
                                  "-q"],
-                "delta_booted": [args.python, "-m", "abflasher.cli", "write-delta", f"{base}/v2.caibx", disk.target,
+                "delta_booted": [args.python, "-m", "abflasher.cli", "write-delta", v2_url, disk.target,
                                  "--seed", f"{disk.booted}={pub / 'v1.caibx'}", "--sha256", v2.image_sha256,
                                  "--json", "-q"],
                 "casync": ["casync", "extract", f"--store={base}/default.castr", f"--seed={disk.booted}",
-                           f"{base}/v2.caibx", disk.target],
+                           v2_url, disk.target],
                 # What every install ends with: the slot read back with O_DIRECT and hashed (ReadbackVerifier).
                 "verify": [args.python, "-c", VERIFY_SCRIPT, disk.target, str(v2.image_bytes)],
             }
@@ -487,7 +523,7 @@ def _bench(args: argparse.Namespace) -> int:
     for name, outcome in targets.items():
         print(f"target {name:22} {'PASS' if outcome['pass'] else 'MISS'}: {outcome['value']} <= {outcome['limit']}")
 
-    index_bytes = (pub / "v2.caibx").stat().st_size
+    index_bytes = v2_index.stat().st_size
     least_written = blocks_that_differ(v1.raw, v2.raw)
     verify_row = rows["verify"]
     print(f"\nv2's 4 KiB blocks that v1 does not hold at the same offset: {least_written / MB:.1f} MB, "
@@ -497,6 +533,7 @@ def _bench(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "bench": "delta",
         "recipe": f"{RECIPE}-{DELTA_RECIPE}",
+        "release": args.release,
         **{key: round(value, 3) for key, value in ratios.items()},
         "image_mb": args.size_mb,
         "image_bytes": v2.image_bytes,
@@ -539,6 +576,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", default=DEFAULT_CHUNK_SIZE, metavar="MIN:AVG:MAX",
                         help=f"casync chunk sizes the releases are published with (default {DEFAULT_CHUNK_SIZE}, "
                         "ab-flasher make-delta's)")
+    parser.add_argument("--release", choices=("rebuilt", "updated"), default="rebuilt",
+                        help="how v2 is made from v1's tree: rebuilt with mkfs.ext4 -d (issue 13's recipe: blocks "
+                        "after a changed file move) or updated (v1's file system mounted and changed in place: "
+                        "unchanged files stay where they are)")
     parser.add_argument("--server", choices=("nginx", "python"), default="nginx" if shutil.which("nginx") else "python",
                         help="the local static HTTP server: nginx (the default when installed: apt install "
                         "nginx-light) or Python's http.server, whose CPU competes with the install on a small machine")
