@@ -31,8 +31,8 @@ STASH_BUDGET = 16 << 20
 
 class Kind(enum.Enum):
     HELD = "held"  # starts in the held region: collected in memory, written last
-    ZERO = "zero"  # all zeros: zeroed where the target does not read as zeros already
-    IN_PLACE = "in place"  # the target's old index has this chunk at this very offset
+    ZERO = "zero"  # all zeros, not known to be in place: zeroed where the target does not read as zeros already
+    IN_PLACE = "in place"  # the target's old index has this chunk at this very offset (zeros included)
     OLD = "old"  # copied from another offset of the target's old content
     OTHER = "other"  # built earlier in this install, a seed, a stash, or the store
 
@@ -165,10 +165,10 @@ def make_plan(
         chunk_id = index.id_of(number)
         if starts[number] < hold_end:
             kind = Kind.HELD
-        elif zero_ids.get(size_of(number)) == chunk_id:
-            kind = Kind.ZERO
         elif old_in_place(number):
             kind = Kind.IN_PLACE
+        elif zero_ids.get(size_of(number)) == chunk_id:
+            kind = Kind.ZERO
         elif (source := old_source(chunk_id)) >= 0:
             kind = Kind.OLD
             sources[number] = source
