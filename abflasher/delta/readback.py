@@ -39,6 +39,7 @@ class TrustedChunks:
         self._buffer = bytearray()
         self._buffer_start = 0
         self._number = 0
+        self._error: BaseException | None = None
         self.bad: list[int] = []
 
     def observe(self, start: int, piece: memoryview) -> None:
@@ -47,6 +48,9 @@ class TrustedChunks:
         self._pool.submit(self._check, start, bytes(piece))
 
     def _check(self, start: int, piece: bytes) -> None:
+        if self._error is not None:
+            self._slots.release()
+            return
         try:
             index = self._index
             if start != self._buffer_start + len(self._buffer):
@@ -57,8 +61,8 @@ class TrustedChunks:
                 number = self._number
                 offset = index.start(number)
                 if self._trusted[number] and offset >= self._buffer_start:
-                    with memoryview(self._buffer) as view:
-                        data = view[offset - self._buffer_start : index.ends[number] - self._buffer_start]
+                    with memoryview(self._buffer) as view, \
+                            view[offset - self._buffer_start : index.ends[number] - self._buffer_start] as data:
                         if index.digest(data) != index.id_of(number):
                             self.bad.append(number)
                 self._number += 1
@@ -66,11 +70,19 @@ class TrustedChunks:
             if keep_from > self._buffer_start:
                 del self._buffer[: keep_from - self._buffer_start]
                 self._buffer_start = keep_from
+        except BaseException as exc:
+            self._error = self._error or exc
         finally:
             self._slots.release()
 
-    def finish(self) -> list[int]:
+    def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def finish(self) -> list[int]:
+        """The trusted chunks that were not their id, once every piece given was checked."""
+        self.close()
+        if self._error is not None:
+            raise self._error
         return self.bad
 
 
@@ -115,7 +127,7 @@ def read_back(
                 )
     finally:
         if check is not None:
-            check.finish()
+            check.close()
     return (None, bad) if bad else (actual, [])
 
 
