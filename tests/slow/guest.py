@@ -20,6 +20,7 @@ the `.deb` is built from the working tree on every run. Booting it (`QemuPi`, `G
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import os
@@ -30,6 +31,8 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from tests.support.pidisk import (
     DEFAULT_SIGNATURE,
@@ -133,6 +136,18 @@ class Timings:
     def report(self) -> str:
         return "\n".join(f"  {seconds:7.1f} s  {name}" for name, seconds in self.phases)
 
+    def save(self, path: Path, config: pytest.Config) -> None:
+        """Write the report to ``path`` and have this session print it at its end (tests/slow/conftest.py): each run
+        shows the wall times of the modules it ran, also when two runs share the cache (scripts/test --slow)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.report() + "\n")
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        config.stash.setdefault(TIMINGS_REPORTS, []).append((shown, self.report()))
+
+
+#: The wall-time reports of the modules this session ran: (file, report).
+TIMINGS_REPORTS = pytest.StashKey[list[tuple[Path, str]]]()
+
 
 # --------------------------------------------------------------------------------------------------- base root
 
@@ -151,9 +166,25 @@ def _base_dir(cache_dir: Path) -> Path:
     return cache_dir / f"base-{SUITE}-{key[:12]}"
 
 
+@contextlib.contextmanager
+def _base_lock(base: Path) -> Iterator[None]:
+    """Held while making or checking ``base``: two runs from one checkout (scripts/test --slow runs the tier's
+    modules side by side) build it once, the second waits for the first instead of removing its work. The wait is
+    bounded by the waiting test's own timeout (pytest-timeout)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with (base.parent / f"{base.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def ensure_base_root(cache_dir: Path = CACHE_DIR) -> BaseRoot:
     """The debootstrapped guest root, made on first use (a few minutes) and then reused from the cache."""
     base = _base_dir(cache_dir)
+    with _base_lock(base):
+        return _ensure_base_root(base)
+
+
+def _ensure_base_root(base: Path) -> BaseRoot:
     result = BaseRoot(base / "tree", base / "vmlinuz", base / "initrd.img")
     if (base / "complete").exists():
         return result

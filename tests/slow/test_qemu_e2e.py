@@ -72,7 +72,7 @@ class GuestBuild:
 
 
 @pytest.fixture(scope="module")
-def guest_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestBuild]:
+def guest_build(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[GuestBuild]:
     work = tmp_path_factory.mktemp("guest")
     timings = Timings()
     with timings.phase("base root (debootstrap, or the cache)"):
@@ -98,8 +98,7 @@ def guest_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestBuild
     build = GuestBuild(base=base, tree=tree, good=made["good"], bad=made["bad"], hang_init=made["hang-init"],
                        hang_health=made["hang-health"], images=images, timings=timings)
     yield build
-    TIMINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    TIMINGS_FILE.write_text(timings.report() + "\n")
+    timings.save(TIMINGS_FILE, request.config)
     shutil.rmtree(work)  # the guest tree and images: a few hundred MiB per run
 
 

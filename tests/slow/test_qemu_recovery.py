@@ -52,7 +52,8 @@ class RecoveryBuild:
 
 
 @pytest.fixture(scope="module")
-def recovery_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecoveryBuild]:
+def recovery_build(tmp_path_factory: pytest.TempPathFactory,
+                   request: pytest.FixtureRequest) -> Iterator[RecoveryBuild]:
     work = tmp_path_factory.mktemp("recovery-guest")
     timings = Timings()
     with timings.phase("base root (debootstrap, or the cache)"):
@@ -65,8 +66,7 @@ def recovery_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recover
         image = work / "root-1.1.0.img.gz"
         sha = make_update_image(tree, image, "1.1.0")
     yield RecoveryBuild(base, tree, image, sha, timings)
-    TIMINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    TIMINGS_FILE.write_text(timings.report() + "\n")
+    timings.save(TIMINGS_FILE, request.config)
     shutil.rmtree(work)
 
 
