@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,13 @@ def test_bad_options_are_refused_with_what_to_do(text: str, message: str) -> Non
 def test_the_page_answers_only_to_its_own_names(host: str, allowed: bool) -> None:
     guard = Guard(WebConfig(allowed_hosts=("robot.example.net",)))
     assert guard.host_allowed(host) is allowed
+
+
+def test_the_boot_time_check_does_not_load_the_web_server() -> None:
+    """`ab-flasher-web --check-enabled` runs on every boot (the unit's ExecCondition): aiohttp is loaded only to
+    serve, since importing it cost seconds of a Pi-class boot."""
+    probe = ("import sys, abflasher.web.main; "
+             "print(sorted(m for m in ('aiohttp', 'abflasher.web.app') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
