@@ -1,14 +1,14 @@
 """Build a slot from a casync index: chunks already in place are left alone, chunks the device holds are copied from
 where they are (each checked against its id first), only the rest is downloaded; then the whole slot is read back.
 
-The plan (delta/plan.py) orders the chunks so that the target's old content can serve as a source without anything
-being read after it was overwritten, and says which chunks no local copy will provide. Each chunk then comes from
-the first place that has it:
+The plan (delta/plan.py) builds the slot from its start to its end, says when the target's old content must be read
+so that nothing is read after it was overwritten, and which chunks no local copy will provide. Each chunk then comes
+from the first place that has it:
 
 1. **in place**: the target slot's old index says the same chunk is already at the same offset, and reading it there
    gives bytes whose digest is the chunk's id: nothing is written (SD-card wear);
-2. **the target's old content elsewhere**, where the plan put the copy before any write into its source (or read it
-   into memory ahead, to break a cycle);
+2. **the target's old content elsewhere**, read at the chunk's step when it lies further on, or read into memory
+   (stashed) just before the step that overwrites it;
 3. **already built**: an earlier chunk of the new image with the same id, read back from the target;
 4. **a seed**: a slot (the booted one, read-only) whose index says it holds the chunk; it may have changed since (a
    mounted file system does), so the bytes read are used only when their digest is the chunk's id;

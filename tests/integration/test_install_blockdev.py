@@ -122,14 +122,14 @@ def test_readback_failure_is_an_error(loop_disk: LoopDisk, monkeypatch: pytest.M
     node = loop_disk.partition(2)
     data = payload(22 * MIB)
     corrupted = threading.Event()
-    read_and_hash = ReadbackVerifier._read_and_hash
+    read = ReadbackVerifier._read
 
-    def after_the_corruption(self: ReadbackVerifier, start: int, end: int) -> None:
+    def after_the_corruption(self: ReadbackVerifier, buffer: mmap.mmap, start: int, end: int) -> None:
         # The verify follows the writes closely; hold it back so the block is changed before it is read.
         assert corrupted.wait(timeout=30)
-        read_and_hash(self, start, end)
+        read(self, buffer, start, end)
 
-    monkeypatch.setattr(ReadbackVerifier, "_read_and_hash", after_the_corruption)
+    monkeypatch.setattr(ReadbackVerifier, "_read", after_the_corruption)
 
     def corrupt_written_block_once(progress: Progress) -> None:
         if progress.stage == "writing" and progress.written >= 12 * MIB and not corrupted.is_set():
