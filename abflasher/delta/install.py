@@ -24,7 +24,7 @@ cancelled or builds another image leaves a slot that nothing mistakes for a file
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import logging
 import os
 import threading
 import time
@@ -35,9 +35,12 @@ from dataclasses import dataclass
 from abflasher import errors
 from abflasher.delta.index import Chunk, ChunkIndex
 from abflasher.delta.plan import SEED_UNKNOWN, Kind, Plan, Step, make_plan
+from abflasher.delta.readback import compare_start, read_back
 from abflasher.delta.store import ChunkFetcher, ChunkStore
-from abflasher.disk.blockdev import ReadbackVerifier, Target, open_target, set_direct, zero_range
+from abflasher.disk.blockdev import Target, open_target, set_direct, zero_range
 from abflasher.image.pipeline import Progress
+
+log = logging.getLogger(__name__)
 
 #: Chunks that start within this many bytes of the image's start are written last (see the module docstring).
 HOLD_BYTES = 64 << 10
@@ -70,6 +73,7 @@ class DeltaResult:
     in_place: int  # bytes found in place and not written
     from_seeds: int  # bytes copied from a seed or from elsewhere in the target
     seed_rejected: int  # chunks a seed's index promised whose bytes did not match (fetched or found elsewhere)
+    repaired: int  # chunks the target's old index placed that the read-back found changed (fetched, then verified)
     verified: bool
     seconds: float
 
@@ -167,6 +171,9 @@ class _Builder:
         #: For each chunk number of the new image, 1 once it is on the target (written or found in place); a chunk id
         #: is looked up in the indexes (ChunkIndex.numbers_of), never in a dict keyed by id: memory stays flat.
         self.built = bytearray(len(index))
+        #: For each chunk number, 1 when it was taken as in place without being read (checked by the read-back).
+        self.trusted = bytearray(len(index))
+        self.repaired = 0
         self._reported = 0.0
 
     def run(self, fetcher: ChunkFetcher) -> None:
@@ -227,7 +234,7 @@ class _Builder:
         planned, stashed_by_then = self.plan.fetches, self.plan.stashed
         # What the steps check in place, and the sources they stash (those start within the batch's chunks).
         here = self._span([(chunk.offset, chunk.size) for step, chunk in batch
-                           if step.kind in (Kind.IN_PLACE, Kind.ZERO) and not planned(step.number)] +
+                           if step.kind is Kind.ZERO and not planned(step.number)] +
                           [(offset, self.chunks[number].size) for step, _ in batch for number, offset in step.stash])
         there = self._span([(step.source, chunk.size) for step, chunk in batch
                             if step.kind is Kind.OLD and not planned(step.number)])
@@ -245,9 +252,6 @@ class _Builder:
                 continue
             if step.kind is Kind.ZERO:
                 zeros[step.number] = here.get(chunk.offset, chunk.size) == bytes(chunk.size)
-            elif step.kind is Kind.IN_PLACE:
-                local[step.number] = len(candidates)
-                candidates.append((chunk, here.get(chunk.offset, chunk.size)))
             elif step.kind is Kind.OLD:
                 local[step.number] = len(candidates)
                 candidates.append((chunk, there.get(step.source, chunk.size)))
@@ -283,6 +287,11 @@ class _Builder:
             if self.plan.fetches(step.number):
                 # A chunk the plan fetches is taken from the fetcher, which holds it within its budget until then.
                 data = fetcher.take(chunk)
+            elif step.kind is Kind.IN_PLACE:
+                # Taken on the word of the target's old index, not read: the read-back checks it (delta/readback.py).
+                self.in_place += chunk.size
+                self.trusted[step.number] = 1
+                continue
             elif step.number in prepared.zeros:
                 # Reading is free of wear, and zeroing may not be (a card without WRITE ZEROES gets zeros written).
                 if prepared.zeros[step.number]:
@@ -292,10 +301,6 @@ class _Builder:
                 continue
             elif position is not None and good[position]:
                 data = candidates[position][1]
-                if step.kind is Kind.IN_PLACE:
-                    self.in_place += chunk.size
-                    self.batch_built[chunk.id] = data
-                    continue
                 self.from_seeds += chunk.size
             elif position is not None and step.kind is Kind.OTHER:
                 self.seed_rejected += 1
@@ -394,6 +399,25 @@ class _Builder:
             for position in range(offset, offset + length, len(zeros)):
                 self.device.write(position, zeros[: min(len(zeros), offset + length - position)])
 
+    def repair(self, numbers: Sequence[int]) -> None:
+        """Write the chunks ``numbers`` (taken as in place, found changed by the read-back) from the store."""
+        log.info("%d chunks the target's old index placed had changed since it was written: fetching them",
+                 len(numbers))
+        connection = self.store.connection() if self.store.remote else None
+        try:
+            for number in numbers:
+                if self.cancel.is_set():
+                    raise errors.Cancelled("the install was cancelled")
+                chunk = self.chunks[number]
+                self.device.write(chunk.offset, self.store.fetch(chunk, connection))
+                self.written += chunk.size
+                self.in_place -= chunk.size
+                self.repaired += 1
+        finally:
+            if connection is not None:
+                connection.close()
+        self.sync()
+
     def held_bytes(self) -> bytes:
         return b"".join(data for _, _, data in sorted(self.held))
 
@@ -475,16 +499,7 @@ def install_delta(
         builder.sync()
         builder.report(index.size, force=True)
 
-        def write_held() -> None:
-            builder.write_held()
-            builder.sync()
-
-        # The verify reads with O_DIRECT from where the block it holds in memory ends: a whole number of pages.
-        held = builder.held_bytes()
-        aligned = min(index.size, -(-len(held) // 4096) * 4096)
-        held += builder.device.read(len(held), aligned - len(held))
-        image_sha256 = _read_back(opened.path, index, held=held, expected=expected,
-                                  write_held=write_held, progress=progress, cancel=cancel)
+        image_sha256 = _verify(builder, opened.path, expected=expected, progress=progress, cancel=cancel)
         with contextlib.suppress(OSError):
             os.posix_fadvise(opened.fd, 0, 0, os.POSIX_FADV_DONTNEED)
     return DeltaResult(
@@ -497,72 +512,29 @@ def install_delta(
         in_place=builder.in_place,
         from_seeds=builder.from_seeds,
         seed_rejected=builder.seed_rejected,
+        repaired=builder.repaired,
         verified=True,
         seconds=time.monotonic() - started,
     )
 
 
-def _read_back(
-    path: str,
-    index: ChunkIndex,
-    *,
-    held: bytes,
-    expected: str | None,
-    write_held: Callable[[], None],
-    progress: ProgressCallback | None,
-    cancel: threading.Event,
-) -> str:
-    """Read the whole target back (the held start from memory: it is not written yet) and prove it is the image:
-    its sha256 equal to ``expected``, or, when the index itself is what was trusted, every chunk equal to its id.
-    Only then the held start is written, and compared on the device. Returns the image's sha256."""
-    size = index.size
-
-    def report(done: int) -> None:
-        if progress is not None:
-            progress(Progress("verifying", done, size, size))
-
-    if expected is None:
-        actual = _read_back_by_chunks(path, index, held, report)
-    else:
-        verifier = ReadbackVerifier(path, cancel=cancel)
-        try:
-            verifier.first_block(memoryview(held))
-            actual = verifier.image_hash(size, report)
-        finally:
-            verifier.close()
-        if actual != expected:
-            raise errors.ChecksumMismatch(
-                f"sha256 mismatch: expected {expected}, the chunks of the index make {actual}; the target was left "
-                "incomplete"
-            )
-    write_held()
-    with open(path, "rb", buffering=0) as device:
-        os.posix_fadvise(device.fileno(), 0, len(held), os.POSIX_FADV_DONTNEED)
-        if device.read(len(held)) != held:
-            raise errors.ChecksumMismatch(
-                f"read-back verification of {path} failed: its first {len(held)} bytes differ from what was written "
-                "(failing medium?)"
-            )
-    return actual
-
-
-def _read_back_by_chunks(path: str, index: ChunkIndex, held: bytes, report: Callable[[int], None]) -> str:
-    """The image's sha256 as the device holds it, every chunk after the held ones checked against its id."""
-    digest = hashlib.sha256(held)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        for chunk in index:
-            if chunk.offset < len(held):
-                continue
-            data = os.pread(fd, chunk.size, chunk.offset)
-            if len(data) != chunk.size or index.digest(data) != chunk.id:
-                raise errors.ChecksumMismatch(
-                    f"read-back verification of {path} failed at byte {chunk.offset}: the device does not hold chunk "
-                    f"{chunk.hex} there (failing medium?)"
-                )
-            digest.update(data)
-            report(chunk.end)
-    finally:
-        os.close(fd)
-    return digest.hexdigest()
+def _verify(builder: _Builder, path: str, *, expected: str | None, progress: ProgressCallback | None,
+            cancel: threading.Event) -> str:
+    """Read the slot back until it is the image (readback.py): once, or twice when chunks taken as in place had
+    changed and were written; then write the held start and compare it on the device. Returns the image's sha256."""
+    trusted: bytearray | None = builder.trusted
+    while True:
+        # The verify reads with O_DIRECT from where the block it holds in memory ends: a whole number of pages.
+        held = builder.held_bytes()
+        aligned = min(builder.index.size, -(-len(held) // 4096) * 4096)
+        held += builder.device.read(len(held), aligned - len(held))
+        image_sha256, changed = read_back(path, builder.index, held=held, expected=expected, trusted=trusted,
+                                          progress=progress, cancel=cancel)
+        if image_sha256 is not None:
+            break
+        builder.repair(changed)
+        trusted = None  # the second read-back proves every byte
+    builder.write_held()
+    builder.sync()
+    compare_start(path, held)
+    return image_sha256

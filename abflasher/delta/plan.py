@@ -30,8 +30,8 @@ STASH_BUDGET = 16 << 20
 
 class Kind(enum.Enum):
     HELD = "held"  # starts in the held region: collected in memory, written last
-    ZERO = "zero"  # all zeros: zeroed where the target does not read as zeros already
-    IN_PLACE = "in place"  # the target's old index has this chunk at this very offset
+    ZERO = "zero"  # all zeros, not known to be in place: zeroed where the target does not read as zeros already
+    IN_PLACE = "in place"  # the target's old index has this chunk at this very offset (zeros included)
     OLD = "old"  # copied from another offset of the target's old content
     OTHER = "other"  # built earlier in this install, a seed, a stash, or the store
 
@@ -275,10 +275,10 @@ def make_plan(
                     code = codes[Kind.HELD]
                     if (found := seed_source(chunk.id)) >= 0:
                         code, source = code | _SEEDED, found
-                elif zero_ids.get(chunk.size) == chunk.id:
-                    code = codes[Kind.ZERO]
                 elif there == chunk:
                     code = codes[Kind.IN_PLACE]
+                elif zero_ids.get(chunk.size) == chunk.id:
+                    code = codes[Kind.ZERO]
                 elif (found := old_source(chunk.id)) >= 0:
                     code = codes[Kind.OLD]
                     source = found

@@ -212,9 +212,13 @@ class ReadbackVerifier:
     the device's first block equal to the one in memory, is the device equal to the image.
     """
 
-    def __init__(self, path: str, *, cancel: threading.Event | None = None) -> None:
+    def __init__(self, path: str, *, cancel: threading.Event | None = None,
+                 observe: Callable[[int, memoryview], None] | None = None) -> None:
+        """``observe(offset, piece)``, when given, is called with each piece read from the device, in order (the
+        piece is only valid during the call)."""
         self.path = path
         self._cancel = cancel
+        self._observe = observe
         self._fd, self._direct = self._open(path)
         self._hash = hashlib.sha256()
         self._first: memoryview | None = None
@@ -290,6 +294,8 @@ class ReadbackVerifier:
                     if following is not None:
                         ahead = (*following, reader.submit(self._read, buffers[1 - current], *following))
                     with memoryview(buffers[current]) as view:
+                        if self._observe is not None:
+                            self._observe(start, view[: end - start])
                         self._hash.update(view[: end - start])
                     if ahead is not None:
                         current = 1 - current

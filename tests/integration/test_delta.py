@@ -19,7 +19,7 @@ import zstandard
 from abflasher import errors
 from abflasher.api import UpdateRequest
 from abflasher.delta.index import Chunk, ChunkIndex, parse_index
-from abflasher.delta.install import HOLD_BYTES, DeltaResult, Seed
+from abflasher.delta.install import HOLD_BYTES, DeltaResult, Seed, _Builder
 from abflasher.delta.publish import make_delta
 from abflasher.delta.store import StoreOptions
 from abflasher.delta.update import install_from_index
@@ -290,6 +290,58 @@ def test_chunks_in_place_are_not_written_again(
     assert result.in_place == release.index.size - held
     assert not chunk_requests(server)
     assert read(target, release.index.size) == release.raw.read_bytes()
+
+
+@pytest.mark.parametrize(("vouched", "changed"), [("image", "data"), ("image", "zeros"), ("index", "data")])
+def test_a_chunk_in_place_that_changed_since_its_index_was_kept_is_repaired_after_the_read_back(
+    loop_disk: LoopDisk, server: FaultServer, published: Published, vouched: str, changed: str
+) -> None:
+    """Chunks the target's old index places are not read before the install: the read-back checks them. One that
+    changed since (the old slot was mounted and written, as a slot that ran a system is) is fetched, and the slot is
+    read back again."""
+    target = loop_disk.partition(3)
+    new = published.releases["1.2.0"]
+    # Zeros in place: an install of this very release after one that stopped halfway (its index is the target's).
+    old = new if changed == "zeros" else published.releases["1.1.0"]
+    old_places = {(c.offset, c.id) for c in old.index}
+    image = bytearray(old.raw.read_bytes())
+    victim = next(c for c in new.index if (c.offset, c.id) in old_places and c.offset > HOLD_BYTES and
+                  (c.id == new.index.digest(bytes(c.size))) == (changed == "zeros"))
+    image[victim.offset + victim.size // 2] ^= 0xFF
+    put(target, bytes(image))
+    sha256 = new.sha256 if vouched == "image" else hashlib.sha256(new.index_path.read_bytes()).hexdigest()
+    result = install(server, published, "1.2.0", target, target_index=old.index, expected_sha256=sha256)
+    assert read(target, new.index.size) == new.raw.read_bytes()
+    assert result.repaired == 1
+    assert published.chunk_path(victim) in chunk_requests(server)
+
+
+def test_a_difference_outside_the_chunks_in_place_still_fails_the_read_back(
+    loop_disk: LoopDisk, server: FaultServer, published: Published, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A medium that does not keep what was written is not repaired: the install fails, nothing armed."""
+    target = loop_disk.partition(3)
+    old, new = published.releases["1.1.0"], published.releases["1.2.0"]
+    put(target, old.raw.read_bytes())
+    old_places = {(c.offset, c.id) for c in old.index}
+    written = next(c for c in new.index if (c.offset, c.id) not in old_places and c.offset > HOLD_BYTES)
+    original_sync = _Builder.sync
+
+    def sync_then_fail_the_medium(self: _Builder) -> None:
+        original_sync(self)
+        if not getattr(self, "damaged", False):
+            self.damaged = True  # type: ignore[attr-defined]
+            fd = os.open(target, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"\x5a", written.offset + written.size // 2)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    monkeypatch.setattr(_Builder, "sync", sync_then_fail_the_medium)
+    with pytest.raises(errors.ChecksumMismatch, match="sha256 mismatch"):
+        install(server, published, "1.2.0", target, target_index=old.index)
+    assert read(target, HOLD_BYTES) == bytes(HOLD_BYTES), "the start of the slot stays zeros: nothing mistakes it"
 
 
 # ----------------------------------------------------------------------------------------------- through Update
