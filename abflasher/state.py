@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -264,16 +264,20 @@ class StateFile:
 
 
 def write_atomically(
-    path: Path, text: str | bytes, *, mode: int = 0o644, owner: tuple[int, int] | None = None
+    path: Path, text: str | bytes | Callable[[IO[bytes]], object], *, mode: int = 0o644,
+    owner: tuple[int, int] | None = None
 ) -> None:
-    """Replace ``path`` with ``text`` (UTF-8 text, or bytes as they are) so a power cut leaves the old or the new
-    file: temp file, fsync, rename, fsync the directory."""
+    """Replace ``path`` with ``text`` (UTF-8 text, bytes as they are, or what a function writes to the file it is
+    given) so a power cut leaves the old or the new file: temp file, fsync, rename, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     data = text.encode("utf-8") if isinstance(text, str) else text
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                data(handle)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
             if owner is not None:

@@ -59,11 +59,10 @@ def add_commands(commands: Any) -> None:
 
 
 def _read_index(path: str) -> Any:
-    from abflasher.delta.index import parse_index
+    from abflasher.delta.index import read_index
 
     try:
-        with open(path, "rb") as handle:
-            return parse_index(handle.read(), path)
+        return read_index(path)
     except OSError as exc:
         raise errors.InvalidArgument(f"cannot read index {path}: {exc.strerror}") from exc
 

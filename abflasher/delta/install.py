@@ -28,13 +28,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from abflasher import errors
 from abflasher.delta.index import Chunk, ChunkIndex
-from abflasher.delta.plan import Kind, Plan, Step, make_plan
+from abflasher.delta.plan import SEED_UNKNOWN, Kind, Plan, Step, make_plan
 from abflasher.delta.readback import compare_start, read_back
 from abflasher.delta.store import ChunkFetcher, ChunkStore
 from abflasher.disk.blockdev import Target, open_target, set_direct, zero_range
@@ -144,24 +144,6 @@ class _Prepared:
     zeros: dict[int, bool]
 
 
-class SeedIds(Collection[bytes]):
-    """The chunk ids the seeds' indexes list, looked up in the indexes themselves (no set of every id)."""
-
-    def __init__(self, indexes: Sequence[ChunkIndex]) -> None:
-        self._indexes = indexes
-
-    def __contains__(self, chunk_id: object) -> bool:
-        return any(chunk_id in index for index in self._indexes)
-
-    def __iter__(self) -> Iterator[bytes]:
-        for index in self._indexes:
-            for number in range(len(index)):
-                yield index.id_of(number)
-
-    def __len__(self) -> int:
-        return sum(len(index) for index in self._indexes)
-
-
 class _Builder:
     """One delta install: carries out the plan's steps (delta/plan.py), each chunk from the first place that has it."""
 
@@ -195,8 +177,7 @@ class _Builder:
         self._reported = 0.0
 
     def run(self, fetcher: ChunkFetcher) -> None:
-        steps = self.plan.steps
-        held_steps = [step for step in steps if step.kind is Kind.HELD]
+        held_steps = list(self.plan.steps[: self.plan.held])
         # The held chunks the target holds in place are read before their region is zeroed.
         for step in held_steps:
             chunk = self.chunks[step.number]
@@ -213,7 +194,7 @@ class _Builder:
         # write (plan.py), and reading it early is safe.
         with ThreadPoolExecutor(1, thread_name_prefix="abflasher-delta-read") as reader:
             ahead: tuple[list[tuple[Step, Chunk]], Future[_Prepared]] | None = None
-            for batch in self._batches(len(held_steps)):
+            for batch in self._batches(self.plan.held):
                 prepared = reader.submit(self._prepare, batch)
                 if ahead is not None:
                     self._finish(ahead[0], ahead[1].result(), fetcher)
@@ -225,11 +206,9 @@ class _Builder:
 
     def _batches(self, first: int) -> Iterator[list[tuple[Step, Chunk]]]:
         """The steps from ``first`` on, in runs of up to `BATCH_BYTES` (the steps' chunks follow each other)."""
-        steps = self.plan.steps
         batch: list[tuple[Step, Chunk]] = []
         size = 0
-        for position in range(first, len(steps)):
-            step = steps[position]
+        for step in self.plan.steps.starting_at(first):
             chunk = self.chunks[step.number]
             if batch and size + chunk.size > BATCH_BYTES:
                 yield batch
@@ -240,8 +219,7 @@ class _Builder:
             yield batch
 
     def _build_held(self, number: int, chunk: Chunk, fetcher: ChunkFetcher) -> None:
-        if self.plan.fetched[number]:
-            self.plan.fetched[number] = 0
+        if self.plan.fetches(number):
             data: bytes | None = fetcher.take(chunk)
         else:
             data = self.held_in_place.get(chunk.id)
@@ -253,13 +231,13 @@ class _Builder:
     def _prepare(self, batch: list[tuple[Step, Chunk]]) -> _Prepared:
         """Read what ``batch`` checks in place, copies and stashes from the target and the seeds, a large read each,
         and hash every such candidate (on the reader thread: this touches nothing the installer changes)."""
-        planned, stashed_by_then = self.plan.fetched, self.plan.stashed
+        planned, stashed_by_then = self.plan.fetches, self.plan.stashed
         # What the steps check in place, and the sources they stash (those start within the batch's chunks).
         here = self._span([(chunk.offset, chunk.size) for step, chunk in batch
-                           if step.kind is Kind.ZERO and not planned[step.number]] +
+                           if step.kind is Kind.ZERO and not planned(step.number)] +
                           [(offset, self.chunks[number].size) for step, _ in batch for number, offset in step.stash])
         there = self._span([(step.source, chunk.size) for step, chunk in batch
-                            if step.kind is Kind.OLD and not planned[step.number]])
+                            if step.kind is Kind.OLD and not planned(step.number)])
         candidates: list[tuple[Chunk, memoryview | bytes]] = []
         for step, _ in batch:
             for number, offset in step.stash:
@@ -270,15 +248,17 @@ class _Builder:
         zeros: dict[int, bool] = {}  # step number of a chunk of zeros -> whether the target holds zeros there
         seeded: dict[int, tuple[_Device, int]] = {}
         for step, chunk in batch:
-            if planned[step.number]:
+            if planned(step.number):
                 continue
             if step.kind is Kind.ZERO:
                 zeros[step.number] = here.get(chunk.offset, chunk.size) == bytes(chunk.size)
             elif step.kind is Kind.OLD:
                 local[step.number] = len(candidates)
                 candidates.append((chunk, there.get(step.source, chunk.size)))
-            elif step.kind is Kind.OTHER and not stashed_by_then[step.number]:
-                found = self._seed_of(chunk)
+            elif step.kind is Kind.OTHER and not stashed_by_then(step.number):
+                # The plan knows which seed holds the chunk, unless it gave up a copy for it.
+                found = (self.seeds[step.seed][0], step.source) if step.seed >= 0 else (
+                    self._seed_of(chunk) if step.seed == SEED_UNKNOWN else None)
                 if found is not None:
                     seeded[step.number] = found
         # A seed's chunks that moved together stay together: read a run at a time too.
@@ -300,14 +280,12 @@ class _Builder:
         for (stashed, stashed_bytes), ok in zip(candidates[: prepared.stashes], good, strict=False):
             if ok:
                 self.stash[stashed.id] = bytes(stashed_bytes)
-        planned = self.plan.fetched
         out: list[tuple[int, int, bytes | memoryview | None]] = []  # (offset, size, bytes, or None for zeros)
         for step, chunk in batch:
             data: bytes | memoryview | None = None
             position = prepared.local.get(step.number)
-            if planned[step.number]:
+            if self.plan.fetches(step.number):
                 # A chunk the plan fetches is taken from the fetcher, which holds it within its budget until then.
-                planned[step.number] = 0
                 data = fetcher.take(chunk)
             elif step.kind is Kind.IN_PLACE:
                 # Taken on the word of the target's old index, not read: the read-back checks it (delta/readback.py).
@@ -468,9 +446,12 @@ def install_delta(
     cancel: threading.Event | None = None,
     mountinfo: str = "/proc/self/mountinfo",
     sys_root: str = "/sys",
+    scratch_dir: str | None = None,
 ) -> DeltaResult:
     """Build ``target`` as the image ``index`` describes, from ``seeds``, the target's old content (described by
-    ``target_index``) and ``store``; then read the target back and compare sha256.
+    ``target_index``) and ``store``; then read the target back and compare sha256. The plan's and the indexes'
+    lookup tables go to temporary files in ``scratch_dir`` (None: the system's temporary directory), removed
+    whatever ends the install.
 
     Raises BadImage (the index does not describe ``expected_size`` bytes), TooLarge, ChecksumMismatch (a chunk the
     store keeps serving corrupt; the image's sha256 is not ``expected_sha256``; the read-back differs), Network,
@@ -500,8 +481,12 @@ def install_delta(
                     continue  # a seed is an offer, not a requirement
                 stack.callback(os.close, fd)
                 opened_seeds.append((_Device(fd, seed.path), seed))
-            plan = make_plan(index, target_index=target_index, hold_bytes=HOLD_BYTES,
-                             seed_ids=SeedIds([seed.index for _, seed in opened_seeds]))
+            for used in (index, target_index, *(seed.index for _, seed in opened_seeds)):
+                if used is not None and used.scratch_dir is None:
+                    used.scratch_dir = scratch_dir
+            plan = make_plan(index, target_index=target_index, hold_bytes=HOLD_BYTES, scratch_dir=scratch_dir,
+                             seeds=[seed.index for _, seed in opened_seeds])
+            stack.callback(plan.close)
             builder = _Builder(index, plan, store, opened, seeds=opened_seeds, progress=progress, cancel=cancel)
             fetcher = ChunkFetcher(store, plan.fetch)
             try:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from abflasher import errors
-from abflasher.delta.index import ChunkIndex, parse_index
+from abflasher.delta.index import ChunkIndex, read_index
 from abflasher.state import write_atomically
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def kept_index(state_dir: str | os.PathLike[str], image_sha256: str | None) -> C
         return None
     path = _folder(state_dir) / f"{image_sha256}.caibx"
     try:
-        return parse_index(path.read_bytes(), str(path))
+        return read_index(path)
     except FileNotFoundError:
         return None
     except (OSError, errors.BadImage) as exc:
@@ -53,12 +53,20 @@ def keep_index(state_dir: str | os.PathLike[str], image_sha256: str, index: Chun
                still_used: Iterable[str | None] = ()) -> None:
     """Keep ``index`` as the one of image ``image_sha256``; drop every kept index not of it nor of ``still_used``."""
     folder = _folder(state_dir)
-    write_atomically(folder / f"{image_sha256}.caibx", index.to_bytes())
+    write_atomically(folder / f"{image_sha256}.caibx", index.write_to)
     wanted = {f"{sha}.caibx" for sha in (image_sha256, *still_used) if sha}
     for path in folder.glob("*.caibx"):
         if path.name not in wanted:
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def scratch_dir(state_dir: str | os.PathLike[str]) -> str:
+    """Where a delta install keeps its temporary files (the index it downloads, its lookup tables): the state
+    directory's delta folder, on the root file system like the kept indexes (never the data partition)."""
+    folder = _folder(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
 
 
 def building(state_dir: str | os.PathLike[str], slot: str) -> str | None:

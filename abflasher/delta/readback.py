@@ -57,13 +57,12 @@ class TrustedChunks:
                 self._buffer, self._buffer_start = bytearray(), start
             self._buffer += piece
             end = self._buffer_start + len(self._buffer)
-            while self._number < len(index) and index.ends[self._number] <= end:
+            while self._number < len(index) and (chunk := index.chunk(self._number)).end <= end:
                 number = self._number
-                offset = index.start(number)
-                if self._trusted[number] and offset >= self._buffer_start:
+                if self._trusted[number] and chunk.offset >= self._buffer_start:
                     with memoryview(self._buffer) as view, \
-                            view[offset - self._buffer_start : index.ends[number] - self._buffer_start] as data:
-                        if index.digest(data) != index.id_of(number):
+                            view[chunk.offset - self._buffer_start : chunk.end - self._buffer_start] as data:
+                        if index.digest(data) != chunk.id:
                             self.bad.append(number)
                 self._number += 1
             keep_from = index.start(self._number) if self._number < len(index) else end

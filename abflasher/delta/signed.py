@@ -86,7 +86,7 @@ def choose(
             booted_version = ""
         hint = _booted_index_url(index_url, update.manifest.version, booted_version)
         if hint is not None:
-            booted_index = published_index(hint, store_options(config), cancel)
+            booted_index = published_index(hint, store_options(config), cancel, kept.scratch_dir(config.state_dir))
             if booted_index is not None:
                 why = f"the booted release's index is published ({booted_version})"
     if not why and full is not None:

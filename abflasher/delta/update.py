@@ -9,18 +9,20 @@ target (`delta/install.py`) and keeps the new index for the next update.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from abflasher import errors
 from abflasher.delta import kept
-from abflasher.delta.index import ChunkIndex, parse_index
+from abflasher.delta.index import ChunkIndex, open_index
 from abflasher.image.locations import check_http_url, redact_url
 
 if TYPE_CHECKING:
@@ -73,37 +75,57 @@ def store_options(config: Config) -> StoreOptions:
     )
 
 
-def fetch_index(index_url: str, options: StoreOptions, cancel: threading.Event | None = None) -> bytes:
-    """The bytes of the index at ``index_url`` (http(s) or a local path), at most MAX_INDEX_BYTES."""
+def fetch_index(index_url: str, options: StoreOptions, cancel: threading.Event | None = None,
+                scratch_dir: str | None = None) -> tuple[ChunkIndex, str]:
+    """The index at ``index_url`` (http(s) or a local path), at most MAX_INDEX_BYTES, and the sha256 of its file.
+
+    The index is read from its file as it is used (its memory stays flat whatever the image's size): a local one
+    where it is, a downloaded one from an unlinked temporary file in ``scratch_dir`` (None: the system's temporary
+    directory) that disappears when the index is closed."""
+    shown = redact_url(index_url)
+    digest = hashlib.sha256()
     if not index_url.startswith(("http://", "https://")):
         try:
-            with open(index_url, "rb") as handle:
-                data = handle.read(MAX_INDEX_BYTES + 1)
+            handle: IO[bytes] = open(index_url, "rb", buffering=0)  # noqa: SIM115 (the index owns it)
         except OSError as exc:
+            raise errors.InvalidArgument(f"cannot read index {index_url}: {exc.strerror}") from exc
+        try:
+            while piece := handle.read(1 << 20):
+                digest.update(piece)
+                if handle.tell() > MAX_INDEX_BYTES:
+                    break
+        except OSError as exc:
+            handle.close()
             raise errors.InvalidArgument(f"cannot read index {index_url}: {exc.strerror}") from exc
     else:
         from abflasher.image.http import HttpSource
 
-        source = HttpSource(index_url, connect_timeout=options.connect_timeout, read_timeout=options.read_timeout,
-                            retries=options.retries, label="index", cancel=cancel)
+        handle = tempfile.TemporaryFile(dir=scratch_dir)  # noqa: SIM115 (the index owns it)
         try:
-            pieces = []
-            total = 0
-            while total <= MAX_INDEX_BYTES and (piece := source.read(1 << 20)):
-                pieces.append(piece)
-                total += len(piece)
-            data = b"".join(pieces)
-        finally:
-            source.close()
-    if len(data) > MAX_INDEX_BYTES:
-        raise errors.BadImage(f"index {redact_url(index_url)} is larger than {MAX_INDEX_BYTES} bytes: refusing it")
-    return data
+            source = HttpSource(index_url, connect_timeout=options.connect_timeout,
+                                read_timeout=options.read_timeout, retries=options.retries, label="index",
+                                cancel=cancel)
+            try:
+                while handle.tell() <= MAX_INDEX_BYTES and (piece := source.read(1 << 20)):
+                    digest.update(piece)
+                    handle.write(piece)
+            finally:
+                source.close()
+            handle.flush()
+        except BaseException:
+            handle.close()
+            raise
+    if handle.tell() > MAX_INDEX_BYTES:
+        handle.close()
+        raise errors.BadImage(f"index {shown} is larger than {MAX_INDEX_BYTES} bytes: refusing it")
+    return open_index(handle, f"index {shown}"), digest.hexdigest()
 
 
-def published_index(url: str, options: StoreOptions, cancel: threading.Event) -> ChunkIndex | None:
+def published_index(url: str, options: StoreOptions, cancel: threading.Event,
+                    scratch_dir: str | None = None) -> ChunkIndex | None:
     """The index at ``url``, or None when it cannot be had (a seed is an offer, not a requirement)."""
     try:
-        return parse_index(fetch_index(url, options, cancel), f"index {redact_url(url)}")
+        return fetch_index(url, options, cancel, scratch_dir)[0]
     except errors.Cancelled:
         raise
     except errors.AbFlasherError as exc:
@@ -142,40 +164,51 @@ def install_from_index(
     from abflasher.delta.store import ChunkStore, default_store_url
 
     cancel = cancel or threading.Event()
-    raw_index = fetch_index(index_url, options, cancel)
-    shown = redact_url(index_url)
-    index = parse_index(raw_index, f"index {shown}")
-    expected_image = expected_sha256.lower() if expected_sha256 else None
-    if expected_image is not None and expected_image == hashlib.sha256(raw_index).hexdigest():
-        expected_image = None  # the index itself is what the checksum vouches for, and it names every chunk
-    del raw_index  # parsed: its 40 bytes a chunk are not kept through the install
-    store = ChunkStore(store_url or default_store_url(index_url), index.digest_name, options, cancel)
-    seeds = list(seeds)
-    if slots is not None:
-        booted_index = kept.kept_index(slots.state_dir, slots.booted_sha256) or slots.booted_index
-        if booted_index is None and slots.booted_index_url:
-            booted_index = published_index(slots.booted_index_url, options, cancel)
-        if slots.booted_device and booted_index is not None:
-            seeds.append(Seed(slots.booted_device, booted_index, "the booted slot"))
-        target_index = target_index or kept.kept_index(slots.state_dir, slots.target_sha256)
-        if expected_image is not None and kept.building(slots.state_dir, slots.target_slot) == expected_image:
-            target_index = index  # an earlier install of this very image stopped halfway: what it wrote is in place
-        if expected_image is not None:
-            kept.set_building(slots.state_dir, slots.target_slot, expected_image)
-    result = install_delta(
-        index, store, target,
-        expected_size=expected_size,
-        expected_sha256=expected_image,
-        seeds=seeds,
-        target_index=target_index,
-        progress=progress,
-        cancel=cancel,
-        mountinfo=mountinfo,
-        sys_root=sys_root,
-    )
-    if slots is not None:
-        kept.keep_index(slots.state_dir, result.image_sha256, index, still_used=(slots.booted_sha256,))
-        kept.set_building(slots.state_dir, slots.target_slot, None)
+    # The index downloaded and the lookup tables go next to the kept indexes (or to the system's temporary
+    # directory for a plain target): on disk, not in memory, and never on the data partition.
+    scratch = kept.scratch_dir(slots.state_dir) if slots is not None else None
+    with contextlib.ExitStack() as stack:
+        index, index_sha256 = fetch_index(index_url, options, cancel, scratch)
+        stack.callback(index.close)
+        expected_image = expected_sha256.lower() if expected_sha256 else None
+        if expected_image is not None and expected_image == index_sha256:
+            expected_image = None  # the index itself is what the checksum vouches for, and it names every chunk
+        store = ChunkStore(store_url or default_store_url(index_url), index.digest_name, options, cancel)
+        seeds = list(seeds)
+        if slots is not None:
+            booted_index = kept.kept_index(slots.state_dir, slots.booted_sha256)
+            if booted_index is not None:
+                stack.callback(booted_index.close)
+            booted_index = booted_index or slots.booted_index
+            if booted_index is None and slots.booted_index_url:
+                booted_index = published_index(slots.booted_index_url, options, cancel, scratch)
+                if booted_index is not None:
+                    stack.callback(booted_index.close)
+            if slots.booted_device and booted_index is not None:
+                seeds.append(Seed(slots.booted_device, booted_index, "the booted slot"))
+            if target_index is None:
+                target_index = kept.kept_index(slots.state_dir, slots.target_sha256)
+                if target_index is not None:
+                    stack.callback(target_index.close)
+            if expected_image is not None and kept.building(slots.state_dir, slots.target_slot) == expected_image:
+                target_index = index  # an earlier install of this very image stopped halfway: what it wrote is in place
+            if expected_image is not None:
+                kept.set_building(slots.state_dir, slots.target_slot, expected_image)
+        result = install_delta(
+            index, store, target,
+            expected_size=expected_size,
+            expected_sha256=expected_image,
+            seeds=seeds,
+            target_index=target_index,
+            progress=progress,
+            cancel=cancel,
+            mountinfo=mountinfo,
+            sys_root=sys_root,
+            scratch_dir=scratch,
+        )
+        if slots is not None:
+            kept.keep_index(slots.state_dir, result.image_sha256, index, still_used=(slots.booted_sha256,))
+            kept.set_building(slots.state_dir, slots.target_slot, None)
     return result
 
 

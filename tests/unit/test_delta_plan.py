@@ -34,7 +34,7 @@ def carry_out(old: list[int], new: list[int], stash_budget: int, hold: int = SIZ
     or if the steps do not go from the start to the end."""
     old_blocks, new_blocks = [block(n) for n in old], [block(n) for n in new]
     index, target_index = index_of(new_blocks), index_of(old_blocks)
-    plan = make_plan(index, target_index=target_index, seed_ids=(), hold_bytes=hold, stash_budget=stash_budget)
+    plan = make_plan(index, target_index=target_index, hold_bytes=hold, stash_budget=stash_budget)
     # The slot: the old image, then whatever the partition holds past it.
     device = bytearray(b"".join(old_blocks)) + bytearray(b"\xee" * SIZE * max(0, len(new) - len(old)))
     device[: plan.hold_end] = bytes(plan.hold_end)
