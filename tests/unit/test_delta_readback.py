@@ -41,7 +41,7 @@ def test_the_chunks_that_changed_are_named_in_bounded_memory() -> None:
     check = TrustedChunks(index, trusted)
     most = feed(check, bytes(image), 4096, 64 << 10)
     assert check.finish() == [8, 200]
-    assert most <= (64 << 10) + max(index.ends[n] - index.start(n) for n in range(len(index)))
+    assert most <= (64 << 10) + max(index.chunk(n).size for n in range(len(index)))
 
 
 def test_a_failure_of_the_check_itself_is_not_lost() -> None:
