@@ -159,7 +159,7 @@ def install_from_index(
     the device holds (None: a plain target, nothing kept); ``seeds`` and ``target_index`` (what the target holds) are
     given by hand (``ab-flasher write-delta``). Raises what `install_delta` raises.
     """
-    # Imported here: reading an index URL is all the service needs at start, and the store loads requests.
+    # Imported here: reading an index URL is all the service needs at start.
     from abflasher.delta.install import Seed, install_delta
     from abflasher.delta.store import ChunkStore, default_store_url
 
