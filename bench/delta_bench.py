@@ -167,14 +167,33 @@ def _gzip(raw: Path, gz: Path) -> None:
     tmp.rename(gz)
 
 
-def build_v2(v1: BenchImage) -> tuple[Release, dict[str, Any]]:
-    """v2 of ``v1`` (cached): the v1 tree rebuilt, mutated, and made into a file system of the same size."""
-    stem = CACHE / f"rootfs-{RECIPE}-{DELTA_RECIPE}-v2-{v1.size_mb}M"
-    manifest = stem.with_suffix(".json")
+def _cached_release(name: str, stem_name: str) -> tuple[Path, Path, tuple[Release, dict[str, Any]] | None]:
+    """The image and .gz paths of a release, and the release itself when the cache holds it."""
+    stem = CACHE / stem_name
     raw, gz = Path(f"{stem}.img"), Path(f"{stem}.img.gz")
+    manifest = stem.with_suffix(".json")
     if manifest.exists() and raw.exists() and gz.exists():
         data = json.loads(manifest.read_text())
-        return Release("v2", raw, gz, data["image_bytes"], data["image_sha256"], data["gz_bytes"]), data["changes"]
+        release = Release(name, raw, gz, data["image_bytes"], data["image_sha256"], data["gz_bytes"])
+        return raw, gz, (release, data["changes"])
+    return raw, gz, None
+
+
+def _finish_release(name: str, raw: Path, gz: Path, changes: dict[str, Any]) -> tuple[Release, dict[str, Any]]:
+    """Compress the built image and note it in the cache."""
+    _gzip(raw, gz)
+    release = Release(name, raw, gz, raw.stat().st_size, sha256_of(raw), gz.stat().st_size)
+    raw.with_suffix(".json").write_text(json.dumps({
+        "image_bytes": release.image_bytes, "image_sha256": release.image_sha256, "gz_bytes": release.gz_bytes,
+        "changes": changes}, indent=2) + "\n")
+    return release, changes
+
+
+def build_v2(v1: BenchImage) -> tuple[Release, dict[str, Any]]:
+    """v2 of ``v1`` (cached): the v1 tree rebuilt, mutated, and made into a file system of the same size."""
+    raw, gz, cached = _cached_release("v2", f"rootfs-{RECIPE}-{DELTA_RECIPE}-v2-{v1.size_mb}M")
+    if cached is not None:
+        return cached
     log(f"building v2 of the {v1.size_mb} MiB image...")
     size_bytes = v1.size_mb * MIB
     empty = raw.with_suffix(".empty")
@@ -190,22 +209,15 @@ def build_v2(v1: BenchImage) -> tuple[Release, dict[str, Any]]:
         tmp = raw.with_suffix(".img.tmp")
         _mkfs(tmp, size_bytes, tree)
     tmp.rename(raw)
-    _gzip(raw, gz)
-    release = Release("v2", raw, gz, raw.stat().st_size, sha256_of(raw), gz.stat().st_size)
-    manifest.write_text(json.dumps({"image_bytes": release.image_bytes, "image_sha256": release.image_sha256,
-                                    "gz_bytes": release.gz_bytes, "changes": changes}, indent=2) + "\n")
-    return release, changes
+    return _finish_release("v2", raw, gz, changes)
 
 
 def build_v2_updated(v1: BenchImage) -> tuple[Release, dict[str, Any]]:
     """v2 made the other way a release can be made (cached): v1's file system mounted and changed in place, the same
     changes as build_v2's, so the kernel's allocator leaves every file that did not change where it was."""
-    stem = CACHE / f"rootfs-{RECIPE}-{DELTA_RECIPE}-v2u-{v1.size_mb}M"
-    manifest = stem.with_suffix(".json")
-    raw, gz = Path(f"{stem}.img"), Path(f"{stem}.img.gz")
-    if manifest.exists() and raw.exists() and gz.exists():
-        data = json.loads(manifest.read_text())
-        return Release("v2u", raw, gz, data["image_bytes"], data["image_sha256"], data["gz_bytes"]), data["changes"]
+    raw, gz, cached = _cached_release("v2u", f"rootfs-{RECIPE}-{DELTA_RECIPE}-v2u-{v1.size_mb}M")
+    if cached is not None:
+        return cached
     log(f"building v2 of the {v1.size_mb} MiB image by updating v1's file system in place...")
     tmp = raw.with_suffix(".img.tmp")
     run("cp", "--sparse=always", v1.raw, tmp)
@@ -223,11 +235,7 @@ def build_v2_updated(v1: BenchImage) -> tuple[Release, dict[str, Any]]:
     finally:
         run("losetup", "-d", device)
     tmp.rename(raw)
-    _gzip(raw, gz)
-    release = Release("v2u", raw, gz, raw.stat().st_size, sha256_of(raw), gz.stat().st_size)
-    manifest.write_text(json.dumps({"image_bytes": release.image_bytes, "image_sha256": release.image_sha256,
-                                    "gz_bytes": release.gz_bytes, "changes": changes}, indent=2) + "\n")
-    return release, changes
+    return _finish_release("v2u", raw, gz, changes)
 
 
 def blocks_that_differ(v1: Path, v2: Path) -> int:
