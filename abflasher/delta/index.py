@@ -265,6 +265,10 @@ class ChunkIndex:
     def digest(self, data: bytes | memoryview) -> bytes:
         return hashlib.new(self.digest_name, data).digest()
 
+    def holds(self, chunk: Chunk, data: bytes | memoryview) -> bool:
+        """Whether ``data`` is ``chunk``: its size, and its digest is the chunk's id."""
+        return len(data) == chunk.size and self.digest(data) == chunk.id
+
     def _params(self) -> tuple[int, int, int, int]:
         return (self.feature_flags, self.chunk_size_min, self.chunk_size_avg, self.chunk_size_max)
 

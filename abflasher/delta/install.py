@@ -269,7 +269,7 @@ class _Builder:
                 if other is device:
                     local[number] = len(candidates)
                     candidates.append((self.chunks[number], span.get(offset, self.chunks[number].size)))
-        good = [len(data) == chunk.size and self.index.digest(data) == chunk.id for chunk, data in candidates]
+        good = [self.index.holds(chunk, data) for chunk, data in candidates]
         return _Prepared(candidates, good, stashes, local, zeros)
 
     def _finish(self, batch: list[tuple[Step, Chunk]], prepared: _Prepared, fetcher: ChunkFetcher) -> None:
@@ -362,7 +362,7 @@ class _Builder:
 
     def _checked(self, device: _Device, offset: int, chunk: Chunk) -> bytes | None:
         data = device.read(offset, chunk.size)
-        if len(data) == chunk.size and self.index.digest(data) == chunk.id:
+        if self.index.holds(chunk, data):
             return data
         return None
 

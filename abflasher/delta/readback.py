@@ -62,7 +62,7 @@ class TrustedChunks:
                 if self._trusted[number] and chunk.offset >= self._buffer_start:
                     with memoryview(self._buffer) as view, \
                             view[chunk.offset - self._buffer_start : chunk.end - self._buffer_start] as data:
-                        if index.digest(data) != chunk.id:
+                        if not index.holds(chunk, data):
                             self.bad.append(number)
                 self._number += 1
             keep_from = index.start(self._number) if self._number < len(index) else end
@@ -160,7 +160,7 @@ def _read_back_by_chunks(
                 from_device = os.pread(fd, chunk.end - start, start)
                 digest.update(from_device)
                 data = held[chunk.offset : start] + from_device if chunk.offset < start else from_device
-            if len(data) != chunk.size or index.digest(data) != chunk.id:
+            if not index.holds(chunk, data):
                 if trusted is not None and trusted[number]:
                     bad.append(number)
                 else:

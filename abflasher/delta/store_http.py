@@ -74,27 +74,21 @@ class StoreConnection:
             path = url  # a plain-http proxy takes the whole URL
             headers.update(_proxy_authorization(proxy))
         reused = self._conn is not None and self._key == key
-        if not reused:
-            self.reset()
-            self._conn = self._open(parts.scheme, host, port, proxy)
-            self._key = key
-        assert self._conn is not None
-        try:
-            self._conn.request("GET", path, headers=headers)
-            return self._conn.getresponse()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            self.reset()
-            if not reused:
-                raise
-        # The server had closed the idle connection: once more on a new one, as a browser does.
-        self._conn = self._open(parts.scheme, host, port, proxy)
-        self._key = key
-        try:
-            self._conn.request("GET", path, headers=headers)
-            return self._conn.getresponse()
-        except BaseException:
-            self.reset()
-            raise
+        while True:
+            if self._conn is None or self._key != key:
+                self.reset()
+                self._conn = self._open(parts.scheme, host, port, proxy)
+                self._key = key
+            try:
+                self._conn.request("GET", path, headers=headers)
+                return self._conn.getresponse()
+            except BaseException as exc:
+                self.reset()
+                stale = isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
+                if not (reused and stale):
+                    raise
+            # The server had closed the idle connection: once more on a new one, as a browser does.
+            reused = False
 
     def _open(self, scheme: str, host: str, port: int, proxy: str | None) -> http.client.HTTPConnection:
         connect_host, connect_port = host, port
